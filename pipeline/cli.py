@@ -1,0 +1,217 @@
+"""`mixer`: parse -> build -> run -> close. Library code raises; only this module turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import stages
+from pipeline.config import ConfigError, load_config
+from pipeline.stages import StageFailed
+
+# Logs and CI have no terminal width: give tables room rather than cutting paths.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Every stage of the experiment, in order, on this machine."""
+    from pipeline import tracking
+
+    cfg = load_config(args.config, args.overrides)  # fails here, before any process starts
+    layout = stages.prepare(cfg, generate_data=not args.dry_run)
+    if args.dry_run:
+        return _print_plan(cfg)
+    results = stages.run_experiment(cfg, layout)
+    table = Table(title=f"{cfg.name}: {layout.root}")
+    for column in ("stage", "steps", "wall s", "train loss", "eval top1", "eval top5", "checkpoint", "MLflow run"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r["stage"],
+            str(r["steps"]),
+            f"{r['wall_s']:.0f}",
+            _fmt(r.get("train/loss")),
+            _fmt(r.get("eval/top1")),
+            _fmt(r.get("eval/top5")),
+            r.get("checkpoint", "-"),
+            r.get("run_id") or "-",
+        )
+    console.print(table)
+    if cfg.tracking.enabled:
+        experiment = cfg.tracking.experiment or cfg.name
+        console.print(f"MLflow UI: {tracking.ui_command(cfg.tracking)}  (experiment {experiment!r})")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _print_plan(cfg) -> int:
+    import torch
+
+    from pipeline import engine
+
+    device = torch.device("cuda" if cfg.launch.device == "cuda" else "cpu")
+    world = cfg.launch.nproc_per_node * cfg.launch.nnodes
+    for stage in cfg.stages:
+        ds = engine.build_config(stage, cfg.deepspeed, world, device)
+        console.print(
+            f"[bold]{stage.name}[/] ({stage.kind}): {stage.steps} steps, global batch "
+            f"{stage.micro_batch * stage.grad_accum * world} = {stage.micro_batch} x {stage.grad_accum} "
+            f"x {world} ranks, dataset {stage.dataset}, init_from {stage.init_from}"
+        )
+        console.print(json.dumps(ds, indent=2), markup=False)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """One stage, in every process that a launcher (torchrun, deepspeed, accelerate, srun) started."""
+    from pipeline.train import run_stage
+
+    cfg = load_config(args.config, args.overrides)
+    run_stage(cfg, args.name, args.parent_run_id)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The paper's named variants with parameter counts (without the head), from the model code itself."""
+    import torch
+
+    from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer, count_params
+
+    table = Table(title=f"MLP-Mixer variants at {args.image_size}x{args.image_size}")
+    for column in ("name", "layers", "patch", "C", "D_S", "D_C", "S", "params (no head)"):
+        table.add_column(column, justify="right")
+    for name, spec in VARIANTS.items():
+        spec = MixerSpec(**{**spec.__dict__, "image_size": args.image_size})
+        with torch.device("meta"):  # shapes only: H/14 would need 1.7 GB of real memory
+            params = count_params(MlpMixer(spec, num_classes=1000))
+        table.add_row(
+            name,
+            str(spec.num_blocks),
+            str(spec.patch_size),
+            str(spec.hidden_dim),
+            str(spec.tokens_mlp_dim),
+            str(spec.channels_mlp_dim),
+            str(spec.num_patches),
+            f"{params / 1e6:.1f}M",
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_shards_write(args: argparse.Namespace) -> int:
+    """An image folder (one sub-folder per class) -> WebDataset tar shards + index.json."""
+    from pipeline.data.shards import samples_from_folder, write_shards
+
+    classes, files, samples = samples_from_folder(args.source)
+    index = write_shards(
+        samples,
+        args.out,
+        classes=classes,
+        max_bytes=_parse_size(args.max_size),
+        max_count=args.max_count,
+        total=len(files),
+    )
+    console.print(
+        f"wrote {index.num_samples} samples of {len(classes)} classes in {len(index.shards)} shards to {index.root}"
+    )
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixer",
+        description="MLP-Mixer pre-training pipeline: WebDataset shards -> DeepSpeed (ZeRO) training -> MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run every stage of an experiment in order on this machine",
+        description=cmd_run.__doc__ + " Each stage starts as a torchrun job of "
+        "launch.nproc_per_node processes; a rerun skips finished stages and resumes the others.",
+    )
+    run.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. output_dir=/tmp/out stages.pretrain.steps=100",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print each stage's plan and DeepSpeed config without starting anything",
+    )
+    run.set_defaults(func=cmd_run)
+
+    stage = sub.add_parser(
+        "stage",
+        help="run one stage inside a launcher (torchrun, deepspeed, accelerate)",
+        description=cmd_stage.__doc__ + " CONFIG is normally the resolved "
+        "<output_dir>/config.yaml that `mixer run` writes.",
+    )
+    stage.add_argument("config")
+    stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    stage.add_argument("--name", required=True, help="the stage to run")
+    stage.add_argument("--parent-run-id", help="MLflow run of the experiment, for the stage's child run")
+    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    stage.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    stage.set_defaults(func=cmd_stage)
+
+    models = sub.add_parser(
+        "models", help="list the paper's Mixer variants with parameter counts", description=cmd_models.__doc__
+    )
+    models.add_argument("--image-size", type=int, default=224)
+    models.set_defaults(func=cmd_models)
+
+    shards = sub.add_parser("shards", help="write WebDataset shards", description="Shard tools.")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True, metavar="COMMAND")
+    write = shards_sub.add_parser(
+        "write", help="image folder -> tar shards + index.json", description=cmd_shards_write.__doc__
+    )
+    write.add_argument("source", help="folder with one sub-folder of images per class")
+    write.add_argument("out", help="output folder for the shards and index.json")
+    write.add_argument("--max-size", default="256MB", help="largest shard size (e.g. 256MB, 1GB)")
+    write.add_argument("--max-count", type=int, default=100_000, help="most samples per shard")
+    write.set_defaults(func=cmd_shards_write)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after flags (`mixer run CONFIG --dry-run key=value`), which argparse leaves unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"mixer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixer: interrupted", file=sys.stderr)
+        return 130
+    except StageFailed as err:  # the failing ranks printed their tracebacks above
+        print(f"mixer: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

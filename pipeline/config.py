@@ -1,0 +1,404 @@
+"""Typed experiment config: YAML load, dotted overrides, validation, dump.
+
+Every setting is documented where it is defined. Loading fails before anything launches, naming the key and the
+file: an unknown key, a wrong type or an inconsistent value is a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.models.mixer import VARIANTS, MixerSpec
+
+STAGE_KINDS = ("pretrain", "finetune", "eval")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the file."""
+
+
+@dataclass
+class ModelConfig:
+    """The Mixer's shape. A named `variant` fills the four widths; free dimensions make small models."""
+
+    variant: str | None = None  # one of S/32 S/16 B/32 B/16 L/32 L/16 H/14, or None for free dimensions
+    image_size: int = 224  # input side in pixels; fixes S = (image_size / patch_size)^2
+    patch_size: int | None = None  # P; given by the variant unless set
+    num_blocks: int | None = None  # N Mixer layers
+    hidden_dim: int | None = None  # C
+    tokens_mlp_dim: int | None = None  # D_S, width of the token-mixing MLP
+    channels_mlp_dim: int | None = None  # D_C, width of the channel-mixing MLP
+    gelu: str = "exact"  # "exact" (torch/timm) or "tanh" (Flax's default approximation)
+
+    def spec(self) -> MixerSpec:
+        """The resolved shape: the variant's widths with any explicitly set dimension on top."""
+        base = dataclasses.asdict(VARIANTS[self.variant]) if self.variant else {}
+        for name in ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
+            if getattr(self, name) is not None:
+                base[name] = getattr(self, name)
+        base["image_size"] = self.image_size
+        return MixerSpec(**base)
+
+
+@dataclass
+class GenerateConfig:
+    """A procedural data set that the project writes as shards when `path` holds none yet (no downloads)."""
+
+    kind: str  # "shapes" or "novel-shapes" (pipeline.data.synthetic)
+    image_size: int = 32
+    train_samples: int = 8000
+    eval_samples: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """Shards written by `mixer shards write`: `path/<split>/index.json` lists them with sample counts."""
+
+    path: str
+    num_classes: int
+    train_split: str = "train"
+    eval_split: str = "eval"
+    generate: GenerateConfig | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (torchvision transforms v2) and evaluation preprocessing."""
+
+    crop: str = "inception"  # "inception" (RandomResizedCrop) or "resize" (whole image, resized)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area range of the inception crop
+    flip: bool = True  # random horizontal flip
+    randaugment_magnitude: int = 0  # RandAugment(2 layers, m); 0 turns it off
+    eval_crop: str = "resize-crop"  # "resize-crop" (resize then centre crop) or "resmall-crop" (short side)
+    eval_resize: float = 1.143  # eval resize side / image_size (256/224)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and LR schedule. Defaults depend on the stage kind (see `OptimConfig.for_kind`)."""
+
+    name: str = "adamw"  # "adamw" (decoupled weight decay) or "sgd" (momentum)
+    lr: float = 1e-3  # peak learning rate, for the global batch
+    weight_decay: float = 0.1  # not applied to biases and LayerNorm parameters
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam
+    momentum: float = 0.9  # SGD
+    schedule: str = "linear"  # after warm-up: "linear" decay to 0 or "cosine" decay to 0
+    warmup_steps: int = 10_000  # linear warm-up from 0, in optimiser steps
+    grad_clip: float = 1.0  # global-norm gradient clipping; 0 turns it off
+
+    @staticmethod
+    def for_kind(kind: str) -> OptimConfig:
+        """Paper defaults: Adam + linear decay for pre-training; momentum SGD + cosine, no decay, to fine-tune."""
+        if kind == "finetune":
+            return OptimConfig(name="sgd", lr=0.03, weight_decay=0.0, schedule="cosine", warmup_steps=500)
+        return OptimConfig()
+
+
+@dataclass
+class StageConfig:
+    """One step of the experiment. Durations are in optimiser steps."""
+
+    name: str
+    kind: str  # "pretrain", "finetune" or "eval"
+    dataset: str  # a key of `datasets`
+    steps: int = 0  # optimiser steps (0 for eval)
+    micro_batch: int = 64  # images per rank per forward pass
+    grad_accum: int = 1  # micro-batches per optimiser step; global batch = micro_batch * grad_accum * ranks
+    init_from: str | None = None  # an earlier stage's name or a .safetensors export; finetune gets a new head
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stoch_depth: float = 0.0  # stochastic depth at the last block, rising linearly from 0 at the first
+    dropout: float = 0.0  # dropout on the pre-logits
+    eval_every: int = 0  # steps between evaluations; the stage always evaluates at its end
+    eval_batch: int = 256  # images per rank per evaluation batch
+    checkpoint_every: int = 0  # steps between sharded checkpoints; the stage always saves at its end
+    log_every: int = 10  # steps between metric logs (losses are averaged over ranks then)
+    zero_stage: int | None = None  # overrides `deepspeed.zero_stage` for this stage
+
+
+@dataclass
+class LaunchConfig:
+    """How each stage's processes start: torchrun with this many processes per node."""
+
+    nproc_per_node: int = 1  # ranks per node (one per GPU; on CPU, processes)
+    nnodes: int = 1  # nodes; more than one needs rdzv_endpoint
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous (first node) when nnodes > 1
+    device: str = "auto"  # "auto" (CUDA if present), "cuda" or "cpu"
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Settings of DeepSpeed's engine that the typed config owns; `pipeline.engine` writes the JSON."""
+
+    zero_stage: int = 2  # 0 (plain data parallel), 1, 2 or 3
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000  # elements
+
+
+@dataclass
+class DataConfig:
+    """Streaming settings shared by every stage."""
+
+    num_workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 2000  # samples held for shuffling, per worker
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. The URI comes from here, else MLFLOW_TRACKING_URI, else a SQLite file under runs/."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None  # MLflow experiment name; defaults to the config's `name`
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: shared settings and the ordered stages."""
+
+    name: str
+    stages: list[StageConfig]
+    datasets: dict[str, DatasetConfig]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output_dir: str | None = None  # everything of the run goes here; default runs/<name>
+    seed: int = 0
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"no stage named {name!r}; stages: {[s.name for s in self.stages]}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read YAML, apply `key.sub=value` overrides, build the typed config and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        apply_override(raw, item, path)
+    cfg = _build(ExperimentConfig, raw, "", path)
+    validate(cfg, path)
+    return cfg
+
+
+def apply_override(raw: dict, item: str, source: Path | str = "<overrides>") -> None:
+    """Set a dotted key (`stages.pretrain.steps=10`; a stage is named by its `name` or its index)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    value = yaml.safe_load(text)
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, where, source)
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{source}: override {key!r}: {where} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(f"{source}: override {key!r} must name a key inside a list item")
+    node[parts[-1]] = value
+
+
+def _list_item(items: list, part: str, where: str, source: Path | str) -> Any:
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    raise ConfigError(f"{source}: override names {where!r}, but there is no such list item")
+
+
+def _build(cls: type, data: Any, where: str, source: Path) -> Any:
+    """Construct dataclass `cls` from `data`, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {_join(where, key)!r}{hint}")
+    if cls is StageConfig and isinstance(data.get("kind"), str):
+        # The optimiser's defaults depend on the stage kind: merge the user's keys over them.
+        defaults = dataclasses.asdict(OptimConfig.for_kind(data["kind"]))
+        data = {**data, "optim": {**defaults, **(data.get("optim") or {})}}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], _join(where, f.name), source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key {_join(where, f.name)!r}")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str, source: Path) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, source)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(where, "a list", value, source)
+        return [_convert(args[0], v, f"{where}[{_item_name(v, i)}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(where, "a mapping", value, source)
+        return {str(k): _convert(args[1], v, _join(where, k), source) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _type_error(where, f"a list of {len(args)} numbers", value, source)
+        return tuple(_convert(a, v, where, source) for a, v in zip(args, value, strict=True))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise _type_error(where, tp.__name__, value, source)
+    return value
+
+
+def _type_error(where: str, expected: str, value: Any, source: Path) -> ConfigError:
+    return ConfigError(f"{source}: {where!r} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _item_name(value: Any, index: int) -> str:
+    return str(value["name"]) if isinstance(value, dict) and "name" in value else str(index)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(value: Any, allowed: tuple, where: str, source: Path) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{source}: {where!r} is {value!r}; expected one of {list(allowed)}")
+
+
+def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
+    """Cross-field checks that types alone cannot express."""
+    source = Path(source)
+    if cfg.model.variant is not None:
+        _choice(cfg.model.variant, tuple(VARIANTS), "model.variant", source)
+    else:
+        for name in ("patch_size", "num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
+            if getattr(cfg.model, name) is None:
+                raise ConfigError(f"{source}: 'model.{name}' is required when model.variant is not set")
+    _choice(cfg.model.gelu, ("exact", "tanh"), "model.gelu", source)
+    try:
+        cfg.model.spec().validate()
+    except ValueError as err:
+        raise ConfigError(f"{source}: model: {err}") from err
+    _choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", source)
+    _choice(cfg.deepspeed.precision, ("auto", "bf16", "fp32"), "deepspeed.precision", source)
+    _choice(cfg.launch.device, ("auto", "cuda", "cpu"), "launch.device", source)
+    if cfg.launch.nproc_per_node < 1 or cfg.launch.nnodes < 1:
+        raise ConfigError(f"{source}: launch.nproc_per_node and launch.nnodes must be >= 1")
+    if cfg.launch.nnodes > 1 and not cfg.launch.rdzv_endpoint:
+        raise ConfigError(f"{source}: 'launch.rdzv_endpoint' is required when launch.nnodes > 1")
+    for name, ds in cfg.datasets.items():
+        if ds.num_classes < 1:
+            raise ConfigError(f"{source}: 'datasets.{name}.num_classes' must be >= 1")
+        if ds.generate is not None:
+            _choice(ds.generate.kind, ("shapes", "novel-shapes"), f"datasets.{name}.generate.kind", source)
+    if not cfg.stages:
+        raise ConfigError(f"{source}: 'stages' is empty")
+    seen: list[str] = []
+    for stage in cfg.stages:
+        where = f"stages[{stage.name}]"
+        if stage.name in seen:
+            raise ConfigError(f"{source}: two stages are named {stage.name!r}")
+        _choice(stage.kind, STAGE_KINDS, f"{where}.kind", source)
+        if stage.dataset not in cfg.datasets:
+            raise ConfigError(f"{source}: '{where}.dataset' is {stage.dataset!r}; datasets: {list(cfg.datasets)}")
+        init = stage.init_from
+        if init is not None and init not in seen and not init.endswith(".safetensors"):
+            raise ConfigError(
+                f"{source}: '{where}.init_from' is {init!r}: name an earlier stage ({seen}) or a .safetensors file"
+            )
+        if stage.kind == "eval":
+            if stage.init_from is None:
+                raise ConfigError(f"{source}: '{where}.init_from' is required for an eval stage")
+        elif stage.steps < 1:
+            raise ConfigError(f"{source}: '{where}.steps' must be >= 1 for a {stage.kind} stage")
+        for key in ("micro_batch", "grad_accum", "eval_batch", "log_every"):
+            if getattr(stage, key) < 1:
+                raise ConfigError(f"{source}: '{where}.{key}' must be >= 1")
+        if stage.zero_stage is not None:
+            _choice(stage.zero_stage, (0, 1, 2, 3), f"{where}.zero_stage", source)
+        _choice(stage.optim.name, ("adamw", "sgd"), f"{where}.optim.name", source)
+        _choice(stage.optim.schedule, ("linear", "cosine"), f"{where}.optim.schedule", source)
+        _choice(stage.augment.crop, ("inception", "resize"), f"{where}.augment.crop", source)
+        _choice(stage.augment.eval_crop, ("resize-crop", "resmall-crop"), f"{where}.augment.eval_crop", source)
+        seen.append(stage.name)
+
+
+# --------------------------------------------------------------------------- dumping
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain YAML-safe data (tuples become lists)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; stages are keyed by name. For MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for item in value:
+                out.update(flatten(item, f"{name}.{item['name']}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,1 @@
+"""Shard writing, shard streaming and transforms."""

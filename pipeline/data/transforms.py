@@ -1,0 +1,43 @@
+"""Decoding and augmentation with torchvision (io.decode_image + transforms v2), on uint8 tensors."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from pipeline.config import AugmentConfig
+
+# ImageNet statistics, as the official Mixer input pipeline uses ([-1, 1] scaling would do as well).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def decode(data: bytes) -> torch.Tensor:
+    """Encoded JPEG/PNG/WebP bytes -> (3, H, W) uint8, whatever the file's colour mode."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def _to_float() -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+
+
+def train_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
+    """The paper's training augmentation: inception crop, flip, optional RandAugment(2, m)."""
+    steps: list[v2.Transform] = []
+    if cfg.crop == "inception":
+        steps.append(v2.RandomResizedCrop(image_size, scale=cfg.crop_scale, antialias=True))
+    else:
+        steps.append(v2.Resize((image_size, image_size), antialias=True))
+    if cfg.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if cfg.randaugment_magnitude > 0:
+        steps.append(v2.RandAugment(num_ops=2, magnitude=cfg.randaugment_magnitude))
+    return v2.Compose(steps + _to_float())
+
+
+def eval_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
+    """ "resize-crop": resize both sides, centre-crop; "resmall-crop": resize the short side, centre-crop."""
+    side = round(image_size * cfg.eval_resize)
+    resize = v2.Resize((side, side) if cfg.eval_crop == "resize-crop" else side, antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(image_size), *_to_float()])

@@ -1,0 +1,81 @@
+"""The only reader of launcher environment variables (torchrun, the DeepSpeed launcher, accelerate, Slurm).
+
+torchrun, `deepspeed` and `accelerate launch` all export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT; under a bare `srun` the SLURM_* variables stand in for them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_primary(self) -> bool:
+        """Rank 0 alone logs, prints and writes run metadata."""
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def read_env(device: str = "auto") -> DistEnv:
+    """Where this process sits in the job, from the launcher's variables (a single process if none)."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
+    """NCCL on GPUs, gloo on CPU. DeepSpeed reuses this group."""
+    if torch_dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    torch_dist.init_process_group(
+        backend="nccl" if env.device.type == "cuda" else "gloo",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=env.device if env.device.type == "cuda" else None,
+    )
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks (identity on one process)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

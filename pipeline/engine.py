@@ -1,0 +1,148 @@
+"""The only importer of deepspeed: builds the DeepSpeed config from the typed config and owns the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import DeepSpeedConfig, StageConfig
+
+# DeepSpeed logs every setting at INFO on every rank, and warns when it falls back to the CPU; say it outright.
+logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402  (after the logger is quietened: it logs on import)
+from deepspeed.utils import logging as ds_logging  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+
+ds_logging.set_log_level_from_string("error")
+
+Engine = Any  # deepspeed.DeepSpeedEngine; kept opaque outside this module
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DeepSpeed prints progress chatter (op builds, checkpoint parsing) with print(); keep it off the console."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def zero_stage_of(stage: StageConfig, ds: DeepSpeedConfig) -> int:
+    return ds.zero_stage if stage.zero_stage is None else stage.zero_stage
+
+
+def uses_bf16(ds: DeepSpeedConfig, device: torch.device) -> bool:
+    return ds.precision == "bf16" or (ds.precision == "auto" and device.type == "cuda")
+
+
+def build_config(stage: StageConfig, ds: DeepSpeedConfig, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed JSON for one stage; written next to the stage's checkpoints and logged to MLflow."""
+    zero = zero_stage_of(stage, ds)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": stage.micro_batch,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "train_batch_size": stage.micro_batch * stage.grad_accum * world_size,
+        "bf16": {"enabled": uses_bf16(ds, device)},
+        "zero_optimization": {
+            "stage": zero,
+            "overlap_comm": ds.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.reduce_bucket_size,
+        },
+        "steps_per_print": 2**62,  # the loop reports progress itself
+    }
+    if stage.kind == "eval":
+        # No optimiser: only ZeRO-3's parameter partitioning means anything for a forward pass.
+        config["zero_optimization"] = {"stage": 3 if zero == 3 else 0}
+        return config
+    optim = stage.optim
+    if optim.grad_clip > 0:
+        config["gradient_clipping"] = optim.grad_clip
+    if optim.name == "adamw":
+        params: dict[str, Any] = {
+            "lr": optim.lr,
+            "betas": list(optim.betas),
+            "eps": 1e-8,
+            "weight_decay": optim.weight_decay,
+            "torch_adam": True,
+        }
+        if device.type == "cuda":
+            params["fused"] = True  # torch's fused AdamW kernel; no JIT-built DeepSpeed op needed
+        config["optimizer"] = {"type": "AdamW", "params": params}
+    else:
+        # DeepSpeed has no plain momentum-SGD type: `build_engine` passes torch.optim.SGD as a client optimiser.
+        config["zero_allow_untested_optimizer"] = True
+    warmup = max(1, optim.warmup_steps)  # DeepSpeed's schedulers need at least one warm-up step
+    if optim.schedule == "linear":
+        config["scheduler"] = {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": optim.lr,
+                "warmup_num_steps": warmup,
+                "total_num_steps": stage.steps,
+                "warmup_type": "linear",
+            },
+        }
+    else:
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.0,
+                "warmup_num_steps": warmup,
+                "total_num_steps": stage.steps,
+                "warmup_type": "linear",
+            },
+        }
+    return config
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and the stem kernel only, not on biases and LayerNorm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, stage: StageConfig, config: dict) -> Engine:
+    """deepspeed.initialize with our optimiser choice; the process group must already exist."""
+    if stage.kind == "eval":
+        with _quiet():
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine
+    groups = param_groups(model, stage.optim.weight_decay)
+    client_optimizer = None
+    if stage.optim.name == "sgd":
+        client_optimizer = torch.optim.SGD(groups, lr=stage.optim.lr, momentum=stage.optim.momentum)
+    with _quiet():
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=client_optimizer, config=config
+        )
+    return engine
+
+
+def save_checkpoint(engine: Engine, directory: Path, tag: str, client_state: dict) -> None:
+    """Collective: every rank writes its shard (`zero_pp_rank_<r>_*`); DeepSpeed then updates `latest`."""
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+
+def load_checkpoint(engine: Engine, directory: Path) -> dict | None:
+    """Collective: restore model, optimiser and schedule from `directory/latest`; returns the client state."""
+    path, client_state = engine.load_checkpoint(str(directory))
+    return client_state if path is not None else None
+
+
+def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from the per-rank shards of one checkpoint (works for every ZeRO stage >= 1)."""
+    with _quiet():
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)

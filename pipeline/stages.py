@@ -1,0 +1,133 @@
+"""The stage graph: prepare data, then launch each stage as a torchrun job, in order, under one parent run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import ExperimentConfig, GenerateConfig, StageConfig, dump_config, flatten, to_dict
+from pipeline.data import synthetic
+from pipeline.data.shards import INDEX_NAME
+from pipeline.layout import RunLayout
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int) -> None:
+        super().__init__(f"stage {stage!r} failed (exit status {returncode}); its ranks' errors are above")
+        self.stage = stage
+        self.returncode = returncode
+
+
+def resolve_output_dir(cfg: ExperimentConfig) -> None:
+    """Default `runs/<name>`; made absolute so every rank and every node agree on it."""
+    cfg.output_dir = str(Path(cfg.output_dir or Path("runs") / cfg.name).resolve())
+
+
+def prepare(cfg: ExperimentConfig, generate_data: bool = True) -> RunLayout:
+    """Output directory, the resolved config every stage reads, and any generated data set."""
+    resolve_output_dir(cfg)
+    layout = RunLayout(Path(cfg.output_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, layout.config)
+    for dataset in cfg.datasets.values() if generate_data else ():
+        if dataset.generate is not None:
+            ensure_generated(dataset.path, dataset.generate, dataset.train_split, dataset.eval_split)
+    return layout
+
+
+def ensure_generated(path: str, gen: GenerateConfig, train_split: str, eval_split: str) -> None:
+    """Write a procedural data set's shards unless they exist; a split appears only once complete."""
+    for split, count, seed in (
+        (train_split, gen.train_samples, gen.seed),
+        (eval_split, gen.eval_samples, gen.seed + 1),
+    ):
+        target = Path(path) / split
+        if (target / INDEX_NAME).exists():
+            continue
+        partial = target.with_name(f".{split}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        synthetic.write_dataset(
+            gen.kind, partial, samples=count, size=gen.image_size, seed=seed, desc=f"generating {target}"
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+
+
+def launch_command(
+    cfg: ExperimentConfig, config_path: Path, stage: StageConfig, parent_run_id: str | None, node_rank: int = 0
+) -> list[str]:
+    """torchrun running `mixer stage` on this node; the same command serves GPUs and several nodes."""
+    launch = cfg.launch
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(launch.nnodes),
+        "--nproc-per-node",
+        str(launch.nproc_per_node),
+    ]
+    if launch.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            "--node-rank",
+            str(node_rank),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            launch.rdzv_endpoint,
+            "--rdzv-id",
+            f"{cfg.name}-{stage.name}",
+        ]
+    cmd += ["-m", "pipeline", "stage", str(config_path), "--name", stage.name]
+    if parent_run_id:
+        cmd += ["--parent-run-id", parent_run_id]
+    return cmd
+
+
+def stage_env(cfg: ExperimentConfig) -> dict[str, str]:
+    """One intra-op thread pool per rank that shares the node's cores (torchrun would warn and pick 1)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)))
+    return env
+
+
+def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
+    """Every stage in order; a finished stage (its result.json exists) is not run again."""
+    parent = tracking.start_parent(cfg, layout.parent_run_id)
+    if not parent.resumed:
+        parent.log_params(flatten(to_dict(cfg)))
+        parent.log_artifact(layout.config)
+    results = []
+    try:
+        for stage in cfg.stages:
+            stage_layout = layout.stage(stage.name)
+            done = stage_layout.read_result()
+            if done is None:
+                cmd = launch_command(cfg, layout.config, stage, parent.run_id)
+                started = time.time()
+                returncode = subprocess.run(cmd, env=stage_env(cfg)).returncode
+                if returncode != 0:
+                    raise StageFailed(stage.name, returncode)
+                done = stage_layout.read_result()
+                if done is None:
+                    raise StageFailed(stage.name, returncode)
+                done["wall_s"] = round(time.time() - started, 1)  # launch to exit, start-up included
+            results.append(done)
+            parent.log_metrics(
+                {f"{stage.name}/{k}": v for k, v in done.items() if k.startswith(("eval/", "train/"))}, step=0
+            )
+    except KeyboardInterrupt:
+        parent.finish("KILLED")
+        raise
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish("FINISHED")
+    return results

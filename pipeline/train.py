@@ -1,0 +1,235 @@
+"""One stage on every rank: build -> (resume | init) -> train / evaluate -> save -> export -> report."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import checkpoint, dist, tracking
+from pipeline import engine as eng
+from pipeline.config import ExperimentConfig, StageConfig, flatten, to_dict
+from pipeline.data.shards import read_index
+from pipeline.data.stream import eval_batches, train_batches
+from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.layout import RunLayout, StageLayout
+from pipeline.models.mixer import MlpMixer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def stage_params(cfg: ExperimentConfig, stage: StageConfig) -> dict:
+    """The flattened resolved config as this stage sees it: shared sections plus its own settings."""
+    data = to_dict(cfg)
+    data.pop("stages")
+    data["stage"] = to_dict(stage)
+    return flatten(data)
+
+
+def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None) -> dict:
+    """Run one stage in this process (one rank of the launcher's job); returns the stage's result."""
+    # DeepSpeed's ZeRO calls a collective that torch has renamed; the notice means nothing to a user.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    stage = cfg.stage(stage_name)
+    env = dist.read_env(cfg.launch.device)
+    dist.init_process_group(env)
+    layout = RunLayout(Path(cfg.output_dir)).stage(stage.name)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    dataset = cfg.datasets[stage.dataset]
+    spec = cfg.model.spec()
+
+    # Identical initial weights on every rank; rank-specific randomness (dropout, data) after.
+    seed_everything(cfg.seed)
+    model = MlpMixer(
+        spec, dataset.num_classes, stoch_depth=stage.stoch_depth, dropout=stage.dropout, gelu=cfg.model.gelu
+    )
+    seed_everything(cfg.seed + 1000 * (env.rank + 1))
+    ds_config = eng.build_config(stage, cfg.deepspeed, env.world_size, env.device)
+    if env.is_primary:
+        layout.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
+
+    # Resume precedence (see pipeline.checkpoint):
+    # 1. the stage's own latest checkpoint, 2. init_from (weights only), 3. scratch.
+    has_own = (layout.checkpoints / "latest").exists()
+    if not has_own and stage.init_from is not None:
+        source = checkpoint.init_source(stage.init_from, RunLayout(Path(cfg.output_dir)))
+        checkpoint.init_weights(model, source, new_head=stage.kind == "finetune")
+    engine = eng.build_engine(model, stage, ds_config)
+    start_step = 0
+    if has_own and stage.kind != "eval":
+        state = checkpoint.resume(engine, layout)
+        start_step = int(state["step"]) if state else 0
+
+    tracker = tracking.start_stage(cfg, stage.name, stage.kind, layout.run_id, parent_run_id, env.is_primary)
+    if not tracker.resumed:
+        tracker.log_params(stage_params(cfg, stage))
+        tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")
+        tracker.log_artifact(layout.deepspeed_config)
+    started = time.time()
+    try:
+        runner = StageRunner(cfg, stage, env, engine, tracker, layout)
+        metrics = runner.evaluate() if stage.kind == "eval" else runner.train(start_step)
+        result = {
+            "stage": stage.name,
+            "kind": stage.kind,
+            "steps": stage.steps,
+            "wall_s": round(time.time() - started, 1),
+            **metrics,
+            "run_id": tracker.run_id,
+        }
+        if stage.kind != "eval":
+            tag = checkpoint.save(engine, layout, stage.steps, {"mlflow_run_id": tracker.run_id})
+            dist.barrier()
+            result["checkpoint"] = str(layout.checkpoints / tag)
+            if env.is_primary:
+                zero = eng.zero_stage_of(stage, cfg.deepspeed)
+                weights = checkpoint.export(engine, layout, tag, spec, dataset.num_classes, zero, cfg.model.gelu)
+                result["weights"] = str(weights)
+                tracker.log_artifact(layout.model_config)
+        if env.is_primary:
+            layout.write_result(result)
+        dist.barrier()
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    dist.destroy()
+    return result
+
+
+class StageRunner:
+    """The loop of one stage on one rank."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        stage: StageConfig,
+        env: dist.DistEnv,
+        engine: eng.Engine,
+        tracker: tracking.NullTracker,
+        layout: StageLayout,
+    ) -> None:
+        self.cfg, self.stage, self.env, self.engine, self.tracker = cfg, stage, env, engine, tracker
+        self.layout = layout
+        self.dataset = cfg.datasets[stage.dataset]
+        self.image_size = cfg.model.image_size
+        self.dtype = torch.bfloat16 if eng.uses_bf16(cfg.deepspeed, env.device) else torch.float32
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.env.device
+        return images.to(device, self.dtype, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def train(self, start_step: int) -> dict:
+        stage, env = self.stage, self.env
+        index = read_index(Path(self.dataset.path) / self.dataset.train_split)
+        batches = train_batches(
+            index,
+            batch_size=stage.micro_batch,
+            transform=train_transform(stage.augment, self.image_size),
+            num_workers=self.cfg.data.num_workers,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            # A resumed run draws a fresh sample sequence rather than replaying the first one.
+            seed=self.cfg.seed * 1_000_003 + start_step,
+        )
+        images_per_step = stage.micro_batch * stage.grad_accum * env.world_size
+        # A live line on a terminal; in a log file (batch jobs, CI) a line every 20 s is enough.
+        bar = tqdm(
+            total=stage.steps,
+            initial=start_step,
+            desc=stage.name,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not env.is_primary,
+            mininterval=0.2 if sys.stderr.isatty() else 20,
+        )
+        metrics: dict[str, float] = {}
+        loss_sum = torch.zeros((), device=env.device)
+        window_start, window_steps = time.time(), 0
+        for step in range(start_step + 1, stage.steps + 1):
+            for _ in range(stage.grad_accum):
+                images, labels = self._to_device(*next(batches))
+                loss = F.cross_entropy(self.engine(images).float(), labels)
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.detach()
+            window_steps += 1
+            bar.update(1)
+            if step % stage.log_every == 0 or step == stage.steps:
+                total, count = dist.all_reduce_sum([loss_sum.item(), window_steps * stage.grad_accum], env.device)
+                mean_loss = total / count
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"stage {stage.name}: loss is {mean_loss} at step {step}")
+                elapsed = time.time() - window_start
+                metrics = {
+                    "train/loss": mean_loss,
+                    "train/lr": self.engine.get_lr()[0],
+                    "train/img_per_s": window_steps * images_per_step / elapsed,
+                }
+                self.tracker.log_metrics(metrics, step)
+                bar.set_postfix(
+                    loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}", img_s=f"{metrics['train/img_per_s']:.0f}"
+                )
+                loss_sum.zero_()
+                window_start, window_steps = time.time(), 0
+            if stage.eval_every and step % stage.eval_every == 0 and step != stage.steps:
+                self.evaluate(step)
+                window_start = time.time()
+            if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step != stage.steps:
+                checkpoint.save(self.engine, self.layout, step, {"mlflow_run_id": self.tracker.run_id})
+                window_start = time.time()
+        bar.close()
+        return {**metrics, **self.evaluate(stage.steps)}
+
+    @torch.no_grad()
+    def evaluate(self, step: int = 0) -> dict:
+        """Top-1, top-5 and loss on the held-out split, summed over ranks; every rank runs equal batches."""
+        stage, env = self.stage, self.env
+        index = read_index(Path(self.dataset.path) / self.dataset.eval_split)
+        self.engine.eval()
+        correct1 = correct5 = loss_sum = seen = 0.0
+        for images, labels in eval_batches(
+            index,
+            rank=env.rank,
+            world_size=env.world_size,
+            batch_size=stage.eval_batch,
+            transform=eval_transform(stage.augment, self.image_size),
+            image_size=self.image_size,
+            num_workers=self.cfg.data.num_workers,
+        ):
+            images, labels = self._to_device(images, labels)
+            logits = self.engine(images).float()
+            valid = labels >= 0  # padding batches are labelled -1
+            logits, labels = logits[valid], labels[valid]
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, k)
+            correct1 += (top[:, 0] == labels).sum().item()
+            correct5 += (top == labels[:, None]).any(dim=-1).sum().item()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            seen += labels.numel()
+        correct1, correct5, loss_sum, seen = dist.all_reduce_sum([correct1, correct5, loss_sum, seen], env.device)
+        self.engine.train()
+        if seen == 0:
+            raise RuntimeError(f"no readable samples in {index.root}")
+        metrics = {
+            "eval/top1": correct1 / seen,
+            "eval/top5": correct5 / seen,
+            "eval/loss": loss_sum / seen,
+            "eval/samples": seen,
+        }
+        self.tracker.log_metrics(metrics, step)
+        return metrics

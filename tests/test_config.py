@@ -1,0 +1,119 @@
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, apply_override, dump_config, flatten, load_config, to_dict
+from tests.conftest import REPO, run_mixer
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def write(tmp_path, data, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def demo_dict():
+    return yaml.safe_load(DEMO.read_text())
+
+
+def test_demo_config_loads_with_kind_defaults():
+    cfg = load_config(DEMO)
+    assert [s.name for s in cfg.stages] == ["pretrain", "finetune", "eval"]
+    pretrain, finetune = cfg.stage("pretrain"), cfg.stage("finetune")
+    assert pretrain.optim.name == "adamw" and pretrain.optim.schedule == "linear"
+    assert pretrain.optim.betas == (0.9, 0.999)
+    # Fine-tuning defaults: momentum SGD, cosine, no weight decay; the file only sets lr and warm-up.
+    assert (finetune.optim.name, finetune.optim.schedule, finetune.optim.weight_decay) == ("sgd", "cosine", 0.0)
+    assert finetune.optim.lr == 0.05
+
+
+def test_unknown_key_is_named_with_the_file_and_a_suggestion(tmp_path):
+    data = demo_dict()
+    data["stages"][0]["optim"]["lrr"] = 0.1
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "stages[pretrain].optim.lrr" in message and str(path) in message and "'lr'" in message
+
+
+def test_wrong_type_is_named(tmp_path):
+    data = demo_dict()
+    data["stages"][1]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"stages\[finetune\]\.steps.*must be int"):
+        load_config(write(tmp_path, data))
+
+
+def test_bool_is_not_an_int(tmp_path):
+    data = demo_dict()
+    data["seed"] = True
+    with pytest.raises(ConfigError, match="'seed' must be int"):
+        load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["stages"][2].pop("init_from"), "init_from' is required for an eval stage"),
+        (lambda d: d["stages"][1].update(init_from="later"), "name an earlier stage"),
+        (lambda d: d["stages"][0].update(dataset="imagenet"), "dataset' is 'imagenet'"),
+        (lambda d: d["stages"][0].update(kind="distill"), "kind' is 'distill'"),
+        (lambda d: d["model"].update(patch_size=5), "not a multiple of patch_size"),
+        (lambda d: d["model"].pop("hidden_dim"), "model.hidden_dim' is required"),
+        (lambda d: d["deepspeed"].update(zero_stage=4), "zero_stage' is 4"),
+        (lambda d: d["stages"].append(dict(d["stages"][0])), "two stages are named 'pretrain'"),
+    ],
+)
+def test_inconsistent_configs_are_refused(tmp_path, mutate, message):
+    data = demo_dict()
+    mutate(data)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, data))
+
+
+def test_named_variant_fills_dimensions(tmp_path):
+    data = demo_dict()
+    data["model"] = {"variant": "B/16", "image_size": 224}
+    spec = load_config(write(tmp_path, data)).model.spec()
+    assert (spec.num_blocks, spec.patch_size, spec.hidden_dim, spec.num_patches) == (12, 16, 768, 196)
+
+
+def test_overrides_address_stages_by_name_or_index():
+    cfg = load_config(DEMO, ["stages.pretrain.steps=7", "stages.1.optim.lr=0.5", "output_dir=/tmp/x", "seed=3"])
+    assert cfg.stage("pretrain").steps == 7
+    assert cfg.stage("finetune").optim.lr == 0.5
+    assert (cfg.output_dir, cfg.seed) == ("/tmp/x", 3)
+
+
+def test_override_of_unknown_key_or_stage_fails():
+    with pytest.raises(ConfigError, match="unknown key 'stages\\[pretrain\\].stepz'"):
+        load_config(DEMO, ["stages.pretrain.stepz=1"])
+    with pytest.raises(ConfigError, match="no such list item"):
+        load_config(DEMO, ["stages.warmup.steps=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override({}, "seed")
+
+
+def test_dump_and_reload_round_trips(tmp_path):
+    cfg = load_config(DEMO, ["output_dir=/tmp/out"])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_flatten_keys_stages_by_name():
+    flat = flatten(to_dict(load_config(DEMO)))
+    assert flat["stages.finetune.optim.name"] == "sgd"
+    assert flat["model.hidden_dim"] == 128
+
+
+def test_cli_refuses_a_misspelt_key_before_starting_anything(tmp_path):
+    data = demo_dict()
+    data["stages"][0]["micro_bach"] = 32
+    path = write(tmp_path, data)
+    out = tmp_path / "out"
+    result = run_mixer("run", str(path), f"output_dir={out}")
+    assert result.returncode == 2
+    assert "stages[pretrain].micro_bach" in result.stderr and "micro_batch" in result.stderr
+    assert not out.exists()  # nothing was prepared, no process was launched

@@ -1,0 +1,52 @@
+import torch
+
+from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
+from pipeline.engine import build_config, param_groups
+from pipeline.models.mixer import MixerSpec, MlpMixer
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def stage(kind="pretrain", **kw):
+    return StageConfig(name=kind, kind=kind, dataset="d", steps=100, optim=OptimConfig.for_kind(kind), **kw)
+
+
+def test_pretrain_uses_adamw_with_linear_warmup_decay_and_clipping():
+    config = build_config(stage(micro_batch=32, grad_accum=4), DeepSpeedConfig(zero_stage=2), 8, CPU)
+    assert config["train_batch_size"] == 32 * 4 * 8
+    assert config["optimizer"]["type"] == "AdamW"
+    assert config["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert "fused" not in config["optimizer"]["params"]
+    assert config["scheduler"]["type"] == "WarmupDecayLR"
+    assert config["scheduler"]["params"]["warmup_type"] == "linear"
+    assert config["gradient_clipping"] == 1.0
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["bf16"]["enabled"] is False
+
+
+def test_finetune_uses_cosine_and_a_client_sgd():
+    config = build_config(stage("finetune"), DeepSpeedConfig(), 2, CPU)
+    assert "optimizer" not in config and config["zero_allow_untested_optimizer"] is True
+    assert config["scheduler"]["type"] == "WarmupCosineLR"
+
+
+def test_precision_and_zero_stage_follow_device_and_stage_override():
+    config = build_config(stage(zero_stage=3), DeepSpeedConfig(zero_stage=1), 1, GPU)
+    assert config["bf16"]["enabled"] is True
+    assert config["optimizer"]["params"]["fused"] is True
+    assert config["zero_optimization"]["stage"] == 3
+    assert build_config(stage(), DeepSpeedConfig(precision="fp32"), 1, GPU)["bf16"]["enabled"] is False
+
+
+def test_eval_stage_has_no_optimizer():
+    config = build_config(stage("eval"), DeepSpeedConfig(zero_stage=2), 2, CPU)
+    assert "optimizer" not in config and "scheduler" not in config
+    assert config["zero_optimization"] == {"stage": 0}
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = MlpMixer(MixerSpec(2, 4, 16, 8, 32, 16), num_classes=3)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

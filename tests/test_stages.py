@@ -1,0 +1,118 @@
+"""The integration test: the tiny experiment end to end through `mixer run` (torchrun, 2 ZeRO ranks, MLflow)."""
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.checkpoint import load_exported
+from pipeline.config import AugmentConfig
+from pipeline.data.shards import read_index
+from pipeline.data.stream import eval_batches
+from pipeline.data.transforms import eval_transform
+from pipeline.stages import launch_command
+from tests.conftest import REPO, run_mixer
+
+pytestmark = pytest.mark.slow
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    args = [
+        "run",
+        str(TINY),
+        f"output_dir={tmp}/out",
+        f"datasets.shapes.path={tmp}/shapes",
+        f"datasets.novel.path={tmp}/novel",
+    ]
+    first = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
+    assert first.returncode == 0, first.stdout + first.stderr
+    return tmp, uri, args, first
+
+
+def test_summary_names_every_stage_and_the_ui(tiny_run):
+    _, uri, _, result = tiny_run
+    for stage in ("pretrain", "finetune", "eval"):
+        assert stage in result.stdout
+    assert f"mlflow ui --backend-store-uri {uri}" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoints_are_sharded_per_rank(tiny_run):
+    tmp = tiny_run[0]
+    ckpts = tmp / "out" / "stages" / "pretrain" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step-00000003", "step-00000006"]
+    assert (ckpts / "latest").read_text().strip() == "step-00000006"
+    for rank in (0, 1):
+        assert list((ckpts / "step-00000006").glob(f"zero_pp_rank_{rank}_*optim_states.pt"))
+    ds = json.loads((tmp / "out" / "stages" / "pretrain" / "deepspeed.json").read_text())
+    assert ds["train_batch_size"] == 16 * 2 * 2 and ds["zero_optimization"]["stage"] == 2
+
+
+def test_mlflow_holds_one_parent_and_a_finished_child_per_stage(tiny_run):
+    _, uri, _, _ = tiny_run
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["stage"] for r in children) == ["eval", "finetune", "pretrain"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    pretrain = next(r for r in children if r.data.tags["stage"] == "pretrain")
+    assert pretrain.data.params["stage.optim.name"] == "adamw"
+    assert pretrain.data.params["model.hidden_dim"] == "32"
+    losses = client.get_metric_history(pretrain.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [2, 4, 6]
+    assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "eval/top1")] == [3, 6]
+    for key in ("train/lr", "train/img_per_s", "eval/top5"):
+        assert client.get_metric_history(pretrain.info.run_id, key)
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    assert {"config.yaml", "deepspeed.json", "model.json"} <= artifacts
+    assert parents[0].data.params["stages.finetune.optim.name"] == "sgd"
+
+
+def test_exported_weights_reproduce_the_eval_stage_without_deepspeed(tiny_run):
+    tmp = tiny_run[0]
+    model = load_exported(tmp / "out" / "stages" / "finetune" / "model.safetensors").eval()
+    index = read_index(tmp / "novel" / "eval")
+    correct = seen = 0
+    with torch.no_grad():
+        for images, labels in eval_batches(
+            index,
+            rank=0,
+            world_size=1,
+            batch_size=32,
+            image_size=16,
+            transform=eval_transform(AugmentConfig(), 16),
+            num_workers=0,
+        ):
+            correct += int((model(images).argmax(-1) == labels).sum())
+            seen += labels.numel()
+    reported = json.loads((tmp / "out" / "stages" / "eval" / "result.json").read_text())
+    assert seen == 130
+    assert correct / seen == pytest.approx(reported["eval/top1"], abs=1e-9)
+
+
+def test_rerun_skips_finished_stages_and_keeps_one_parent(tiny_run):
+    tmp, uri, args, _ = tiny_run
+    again = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_launch_command_spans_nodes_with_a_rendezvous(tmp_path):
+    from pipeline.config import load_config
+
+    cfg = load_config(TINY, ["launch.nnodes=2", "launch.rdzv_endpoint=node0:29400"])
+    cmd = launch_command(cfg, tmp_path / "config.yaml", cfg.stage("pretrain"), "abc", node_rank=1)
+    assert "--standalone" not in cmd
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "node0:29400" and cmd[cmd.index("--node-rank") + 1] == "1"
+    assert cmd[-4:] == ["--name", "pretrain", "--parent-run-id", "abc"]
