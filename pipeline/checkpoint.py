@@ -2,21 +2,21 @@
 
 Resume precedence, coded in this order in `train.run_stage`:
   1. the stage's own latest complete checkpoint (a rerun after a kill continues; a finished stage is not re-run),
-  2. the stage's `init_from`: an earlier stage's export or a .safetensors file (weights only),
+  2. the stage's `init_from`: an earlier stage's export or a weights file (`pipeline.weights`), weights only,
+     grown to the stage's resolution (paper App. C) when its image_size is K times its source's,
   3. scratch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from pipeline import engine as eng
+from pipeline import weights
+from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.layout import RunLayout, StageLayout
-from pipeline.models.mixer import MixerSpec, MlpMixer
+from pipeline.models.mixer import MixerSpec, MlpMixer, grow_resolution
 
 
 def tag_for(step: int) -> str:
@@ -38,47 +38,75 @@ def resume(engine: eng.Engine, layout: StageLayout) -> dict | None:
 
 
 def export(
-    engine: eng.Engine,
-    layout: StageLayout,
-    tag: str,
-    spec: MixerSpec,
-    num_classes: int,
-    zero_stage: int,
-    gelu: str,
+    engine: eng.Engine, layout: StageLayout, tag: str, spec: MixerSpec, num_classes: int, zero_stage: int, gelu: str
 ) -> Path:
     """Consolidated fp32 weights as safetensors + model.json; call on the primary rank after the save."""
     if zero_stage >= 1:
         state = eng.consolidated_state_dict(layout.checkpoints, tag)
     else:  # without ZeRO every rank holds the whole model
-        state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(layout.weights))
-    layout.model_config.write_text(
-        json.dumps({"spec": dataclasses.asdict(spec), "num_classes": num_classes, "gelu": gelu}, indent=2)
-    )
+        state = engine.module.state_dict()
+    meta = {"spec": dataclasses.asdict(spec), "num_classes": num_classes, "gelu": gelu}
+    weights.write_export(state, meta, layout.weights)
     return layout.weights
 
 
-def load_exported(weights: str | Path) -> MlpMixer:
-    """The plain model from an export (no DeepSpeed, no launcher); model.json must sit beside the weights."""
-    weights = Path(weights)
-    meta = json.loads((weights.parent / "model.json").read_text())
-    model = MlpMixer(MixerSpec(**meta["spec"]), meta["num_classes"], gelu=meta["gelu"])
-    model.load_state_dict(load_file(str(weights)))
+def load_exported(path: str | Path) -> MlpMixer:
+    """The plain model from any weights file `pipeline.weights` reads: no DeepSpeed, no launcher."""
+    w = weights.read_weights(path)
+    model = MlpMixer(w.spec, w.num_classes, gelu=w.gelu)
+    model.load_state_dict(w.state)
     return model
 
 
 def init_source(init_from: str, run: RunLayout) -> Path:
-    """An earlier stage's name -> its export; anything else is a path to a .safetensors file."""
-    stage_weights = run.stage(init_from).weights
-    path = stage_weights if (run.root / "stages" / init_from).exists() else Path(init_from)
-    if not path.exists():
-        raise FileNotFoundError(f"init_from {init_from!r}: {path} does not exist (did that stage finish?)")
-    return path
+    """An earlier stage's name -> its export; anything else is a path to a weights file."""
+    if (run.root / "stages" / init_from).exists() or not Path(init_from).suffix:
+        return run.stage(init_from).weights
+    return Path(init_from)
+
+
+def growth_factor(source: MixerSpec, image_size: int, where: str) -> int:
+    """How many times larger per side a stage's images are than its source's; anything but an integer is refused."""
+    if image_size % source.image_size:
+        raise ConfigError(
+            f"{where}: image_size {image_size} cannot be reached from the source's {source.image_size}. A Mixer's "
+            f"token-mixing MLP fixes the number of patches, so a new resolution needs each side to grow by an "
+            f"integer factor K with the patch size ({source.patch_size}) kept: S' = K^2 S (paper App. C). "
+            f"Use {source.image_size * 2}, {source.image_size * 3}, ..."
+        )
+    return image_size // source.image_size
+
+
+def stage_specs(cfg: ExperimentConfig) -> dict[str, MixerSpec]:
+    """Each stage's model shape: from its source stage or weights file, grown by App. C where its image_size says.
+
+    Called before launch, so a resolution change that cannot work is refused before any process starts.
+    """
+    specs: dict[str, MixerSpec] = {}
+    for stage in cfg.stages:
+        where = f"stages[{stage.name}]"
+        if stage.init_from is None:
+            base = cfg.model.spec()
+            size = stage.image_size or base.image_size
+            specs[stage.name] = dataclasses.replace(base, image_size=size)  # scratch: any valid size
+            continue
+        if stage.init_from in specs:
+            base = specs[stage.init_from]
+        else:
+            base = weights.read_weights(stage.init_from).spec
+        factor = growth_factor(base, stage.image_size or base.image_size, where)
+        specs[stage.name] = base.grown(factor)
+    return specs
 
 
 def init_weights(model: MlpMixer, source: Path, new_head: bool) -> None:
-    """Load weights only. `new_head` keeps the model's fresh zero head (fine-tuning on a new label set)."""
-    state = load_file(str(source))
+    """Load weights only, grown to the model's resolution if needed. `new_head` keeps the model's fresh zero head
+    (fine-tuning on a new label set)."""
+    w = weights.read_weights(source)
+    state = w.state
+    factor = growth_factor(w.spec, model.spec.image_size, str(source))
+    if factor > 1:
+        state, _ = grow_resolution(state, w.spec, factor)
     if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -52,20 +52,30 @@ def _fmt(value: float | None) -> str:
 
 
 def _print_plan(cfg) -> int:
+    """Each stage's shape, batch arithmetic and DeepSpeed JSON, as the launched ranks will see them."""
     import torch
 
-    from pipeline import engine
+    from pipeline import checkpoint, engine
 
     device = torch.device("cuda" if cfg.launch.device == "cuda" else "cpu")
     world = cfg.launch.nproc_per_node * cfg.launch.nnodes
+    specs = checkpoint.stage_specs(cfg)
     for stage in cfg.stages:
-        ds = engine.build_config(stage, cfg.deepspeed, world, device)
+        spec = specs[stage.name]
+        if stage.kind == "eval":
+            batch = f"eval batch {stage.eval_batch} x {world} ranks"
+        else:
+            accumulation = stage.accumulation(world)
+            batch = (
+                f"{stage.steps} steps, global batch {stage.micro_batch * accumulation * world} = "
+                f"{stage.micro_batch} x {accumulation} accumulation x {world} ranks"
+            )
+        console.print(f"[bold]{stage.name}[/] ({stage.kind}) on {stage.dataset}, init_from {stage.init_from}: {batch}")
         console.print(
-            f"[bold]{stage.name}[/] ({stage.kind}): {stage.steps} steps, global batch "
-            f"{stage.micro_batch * stage.grad_accum * world} = {stage.micro_batch} x {stage.grad_accum} "
-            f"x {world} ranks, dataset {stage.dataset}, init_from {stage.init_from}"
+            f"  model: {spec.num_blocks} blocks, patch {spec.patch_size}, {spec.image_size}px, S={spec.num_patches}, "
+            f"C={spec.hidden_dim}, D_S={spec.tokens_mlp_dim}, D_C={spec.channels_mlp_dim}"
         )
-        console.print(json.dumps(ds, indent=2), markup=False)
+        console.print(json.dumps(engine.build_config(stage, cfg.deepspeed, world, device), indent=2), markup=False)
     return 0
 
 
@@ -121,6 +131,27 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
     console.print(
         f"wrote {index.num_samples} samples of {len(classes)} classes in {len(index.shards)} shards to {index.root}"
     )
+    return 0
+
+
+def cmd_weights_import(args: argparse.Namespace) -> int:
+    """An official/big_vision .npz or a timm state dict -> our safetensors export (+ model.json), for init_from."""
+    from pipeline import weights
+
+    w = weights.read_weights(args.source)
+    meta = {"spec": w.spec.__dict__, "num_classes": w.num_classes, "gelu": w.gelu}
+    weights.write_export(w.state, meta, args.out)
+    console.print(f"{args.source} -> {args.out}: {w.spec}, {w.num_classes} classes, GELU {w.gelu}")
+    return 0
+
+
+def cmd_weights_export(args: argparse.Namespace) -> int:
+    """Any weights file we read -> the official .npz layout (opens in vision_transformer and big_vision)."""
+    from pipeline import weights
+
+    w = weights.read_weights(args.source)
+    weights.write_npz(w.state, args.out)
+    console.print(f"{args.source} -> {args.out} ({len(w.state)} tensors)")
     return 0
 
 
@@ -189,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--max-size", default="256MB", help="largest shard size (e.g. 256MB, 1GB)")
     write.add_argument("--max-count", type=int, default=100_000, help="most samples per shard")
     write.set_defaults(func=cmd_shards_write)
+
+    weights = sub.add_parser("weights", help="convert Mixer weights between layouts", description="Weight tools.")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="COMMAND")
+    imp = weights_sub.add_parser("import", help=".npz / timm -> safetensors", description=cmd_weights_import.__doc__)
+    imp.add_argument("source", help="official or big_vision .npz, timm .pth/.bin/.safetensors")
+    imp.add_argument("out", help="output .safetensors (model.json is written beside it)")
+    imp.set_defaults(func=cmd_weights_import)
+    exp = weights_sub.add_parser("export", help="weights -> official .npz", description=cmd_weights_export.__doc__)
+    exp.add_argument("source", help="a stage's model.safetensors, or any file `weights import` reads")
+    exp.add_argument("out", help="output .npz")
+    exp.set_defaults(func=cmd_weights_export)
     return parser
 
 

@@ -19,6 +19,7 @@ import yaml
 from pipeline.models.mixer import VARIANTS, MixerSpec
 
 STAGE_KINDS = ("pretrain", "finetune", "eval")
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin")
 
 
 class ConfigError(ValueError):
@@ -78,8 +79,11 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area range of the inception crop
     flip: bool = True  # random horizontal flip
     randaugment_magnitude: int = 0  # RandAugment(2 layers, m); 0 turns it off
+    mixup: float = 0.0  # mixup strength p (Beta(p, p) mixing weights); 0 turns it off
+    cutmix: float = 0.0  # CutMix alpha; with mixup too, each batch uses one of the two at random
     eval_crop: str = "resize-crop"  # "resize-crop" (resize then centre crop) or "resmall-crop" (short side)
     eval_resize: float = 1.143  # eval resize side / image_size (256/224)
+    extra_eval_crops: list[str] = field(default_factory=list)  # also evaluate these, as eval/<crop>/top1 etc.
 
 
 @dataclass
@@ -104,6 +108,17 @@ class OptimConfig:
 
 
 @dataclass
+class FewShotConfig:
+    """big_vision's few-shot protocol: closed-form ridge regression from frozen pre-logits to +-1 targets."""
+
+    dataset: str | None = None  # a key of `datasets`; its train split gives the shots, its eval split the test
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    l2: float = 1024.0  # 2^10
+    seeds: int = 3  # each draws its own shots; the logged value is their mean
+    max_train_samples: int = 50_000  # features are computed for the first samples of the train split only
+
+
+@dataclass
 class StageConfig:
     """One step of the experiment. Durations are in optimiser steps."""
 
@@ -112,8 +127,12 @@ class StageConfig:
     dataset: str  # a key of `datasets`
     steps: int = 0  # optimiser steps (0 for eval)
     micro_batch: int = 64  # images per rank per forward pass
-    grad_accum: int = 1  # micro-batches per optimiser step; global batch = micro_batch * grad_accum * ranks
-    init_from: str | None = None  # an earlier stage's name or a .safetensors export; finetune gets a new head
+    grad_accum: int | None = None  # micro-batches per optimiser step (default 1); excludes global_batch
+    global_batch: int | None = None  # images per optimiser step; accumulation is derived from the world size
+    image_size: int | None = None  # this stage's input side; a fine-tune may grow its source's by an integer K
+    # An earlier stage's name, or a weights file: our .safetensors export, an official/big_vision .npz, or a timm
+    # state dict (.pth/.bin/.safetensors). Weights only; a finetune stage gets a new zero head.
+    init_from: str | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     stoch_depth: float = 0.0  # stochastic depth at the last block, rising linearly from 0 at the first
@@ -123,6 +142,19 @@ class StageConfig:
     checkpoint_every: int = 0  # steps between sharded checkpoints; the stage always saves at its end
     log_every: int = 10  # steps between metric logs (losses are averaged over ranks then)
     zero_stage: int | None = None  # overrides `deepspeed.zero_stage` for this stage
+    fewshot: FewShotConfig | None = None  # eval stages: linear few-shot evaluation on frozen features
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimiser step: global batch = micro_batch x accumulation x world size."""
+        if self.global_batch is None:
+            return self.grad_accum or 1
+        per_pass = self.micro_batch * world_size
+        if self.global_batch % per_pass:
+            raise ConfigError(
+                f"stage {self.name}: global_batch {self.global_batch} is not a multiple of micro_batch "
+                f"{self.micro_batch} x {world_size} ranks = {per_pass}"
+            )
+        return self.global_batch // per_pass
 
 
 @dataclass
@@ -348,24 +380,39 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         if stage.dataset not in cfg.datasets:
             raise ConfigError(f"{source}: '{where}.dataset' is {stage.dataset!r}; datasets: {list(cfg.datasets)}")
         init = stage.init_from
-        if init is not None and init not in seen and not init.endswith(".safetensors"):
+        if init is not None and init not in seen and not init.endswith(WEIGHT_SUFFIXES):
             raise ConfigError(
-                f"{source}: '{where}.init_from' is {init!r}: name an earlier stage ({seen}) or a .safetensors file"
+                f"{source}: '{where}.init_from' is {init!r}: name an earlier stage ({seen}) or a weights file "
+                f"({', '.join(WEIGHT_SUFFIXES)})"
             )
         if stage.kind == "eval":
             if stage.init_from is None:
                 raise ConfigError(f"{source}: '{where}.init_from' is required for an eval stage")
         elif stage.steps < 1:
             raise ConfigError(f"{source}: '{where}.steps' must be >= 1 for a {stage.kind} stage")
-        for key in ("micro_batch", "grad_accum", "eval_batch", "log_every"):
-            if getattr(stage, key) < 1:
+        for key in ("micro_batch", "grad_accum", "global_batch", "image_size", "eval_batch", "log_every"):
+            if getattr(stage, key) is not None and getattr(stage, key) < 1:
                 raise ConfigError(f"{source}: '{where}.{key}' must be >= 1")
+        if stage.grad_accum is not None and stage.global_batch is not None:
+            raise ConfigError(f"{source}: '{where}': set grad_accum or global_batch, not both")
+        try:
+            stage.accumulation(cfg.launch.nproc_per_node * cfg.launch.nnodes)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from err
+        if stage.fewshot is not None:
+            if stage.kind != "eval":
+                raise ConfigError(f"{source}: '{where}.fewshot' belongs to an eval stage")
+            name = stage.fewshot.dataset or stage.dataset
+            if name not in cfg.datasets:
+                raise ConfigError(f"{source}: '{where}.fewshot.dataset' is {name!r}; datasets: {list(cfg.datasets)}")
         if stage.zero_stage is not None:
             _choice(stage.zero_stage, (0, 1, 2, 3), f"{where}.zero_stage", source)
         _choice(stage.optim.name, ("adamw", "sgd"), f"{where}.optim.name", source)
         _choice(stage.optim.schedule, ("linear", "cosine"), f"{where}.optim.schedule", source)
         _choice(stage.augment.crop, ("inception", "resize"), f"{where}.augment.crop", source)
         _choice(stage.augment.eval_crop, ("resize-crop", "resmall-crop"), f"{where}.augment.eval_crop", source)
+        for crop in stage.augment.extra_eval_crops:
+            _choice(crop, ("resize-crop", "resmall-crop"), f"{where}.augment.extra_eval_crops", source)
         seen.append(stage.name)
 
 

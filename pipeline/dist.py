@@ -76,6 +76,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def all_gather_objects(obj: object) -> list:
+    """Every rank's `obj`, in rank order (small, picklable things: features of an evaluation set)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def destroy() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -48,8 +48,8 @@ def build_config(stage: StageConfig, ds: DeepSpeedConfig, world_size: int, devic
     zero = zero_stage_of(stage, ds)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": stage.micro_batch,
-        "gradient_accumulation_steps": stage.grad_accum,
-        "train_batch_size": stage.micro_batch * stage.grad_accum * world_size,
+        "gradient_accumulation_steps": stage.accumulation(world_size),
+        "train_batch_size": stage.micro_batch * stage.accumulation(world_size) * world_size,
         "bf16": {"enabled": uses_bf16(ds, device)},
         "zero_optimization": {
             "stage": zero,

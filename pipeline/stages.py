@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import checkpoint, tracking
 from pipeline.config import ExperimentConfig, GenerateConfig, StageConfig, dump_config, flatten, to_dict
 from pipeline.data import synthetic
 from pipeline.data.shards import INDEX_NAME
@@ -31,6 +31,7 @@ def resolve_output_dir(cfg: ExperimentConfig) -> None:
 def prepare(cfg: ExperimentConfig, generate_data: bool = True) -> RunLayout:
     """Output directory, the resolved config every stage reads, and any generated data set."""
     resolve_output_dir(cfg)
+    checkpoint.stage_specs(cfg)  # refuses a resolution change that App. C cannot make, before anything starts
     layout = RunLayout(Path(cfg.output_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, layout.config)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,11 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, dist, tracking
 from pipeline import engine as eng
-from pipeline.config import ExperimentConfig, StageConfig, flatten, to_dict
-from pipeline.data.shards import read_index
+from pipeline.config import ExperimentConfig, FewShotConfig, StageConfig, flatten, to_dict
+from pipeline.data.shards import ShardIndex, read_index
 from pipeline.data.stream import eval_batches, train_batches
-from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.data.transforms import batch_transform, eval_transform, train_transform
+from pipeline.fewshot import fewshot_accuracy
 from pipeline.layout import RunLayout, StageLayout
 from pipeline.models.mixer import MlpMixer
 
@@ -49,7 +52,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     layout = RunLayout(Path(cfg.output_dir)).stage(stage.name)
     layout.root.mkdir(parents=True, exist_ok=True)
     dataset = cfg.datasets[stage.dataset]
-    spec = cfg.model.spec()
+    spec = checkpoint.stage_specs(cfg)[stage.name]
 
     # Identical initial weights on every rank; rank-specific randomness (dropout, data) after.
     seed_everything(cfg.seed)
@@ -80,7 +83,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         tracker.log_artifact(layout.deepspeed_config)
     started = time.time()
     try:
-        runner = StageRunner(cfg, stage, env, engine, tracker, layout)
+        runner = StageRunner(cfg, stage, env, engine, tracker, layout, spec.image_size)
         metrics = runner.evaluate() if stage.kind == "eval" else runner.train(start_step)
         result = {
             "stage": stage.name,
@@ -124,11 +127,12 @@ class StageRunner:
         engine: eng.Engine,
         tracker: tracking.NullTracker,
         layout: StageLayout,
+        image_size: int,
     ) -> None:
         self.cfg, self.stage, self.env, self.engine, self.tracker = cfg, stage, env, engine, tracker
         self.layout = layout
         self.dataset = cfg.datasets[stage.dataset]
-        self.image_size = cfg.model.image_size
+        self.image_size = image_size
         self.dtype = torch.bfloat16 if eng.uses_bf16(cfg.deepspeed, env.device) else torch.float32
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +151,9 @@ class StageRunner:
             # A resumed run draws a fresh sample sequence rather than replaying the first one.
             seed=self.cfg.seed * 1_000_003 + start_step,
         )
-        images_per_step = stage.micro_batch * stage.grad_accum * env.world_size
+        mix = batch_transform(stage.augment, self.dataset.num_classes)
+        accumulation = stage.accumulation(env.world_size)
+        images_per_step = stage.micro_batch * accumulation * env.world_size
         # A live line on a terminal; in a log file (batch jobs, CI) a line every 20 s is enough.
         bar = tqdm(
             total=stage.steps,
@@ -162,8 +168,11 @@ class StageRunner:
         loss_sum = torch.zeros((), device=env.device)
         window_start, window_steps = time.time(), 0
         for step in range(start_step + 1, stage.steps + 1):
-            for _ in range(stage.grad_accum):
-                images, labels = self._to_device(*next(batches))
+            for _ in range(accumulation):
+                images, labels = next(batches)
+                if mix is not None:
+                    images, labels = mix(images, labels)  # labels: (B, classes) probabilities
+                images, labels = self._to_device(images, labels)
                 loss = F.cross_entropy(self.engine(images).float(), labels)
                 self.engine.backward(loss)
                 self.engine.step()
@@ -171,7 +180,7 @@ class StageRunner:
             window_steps += 1
             bar.update(1)
             if step % stage.log_every == 0 or step == stage.steps:
-                total, count = dist.all_reduce_sum([loss_sum.item(), window_steps * stage.grad_accum], env.device)
+                total, count = dist.all_reduce_sum([loss_sum.item(), window_steps * accumulation], env.device)
                 mean_loss = total / count
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"stage {stage.name}: loss is {mean_loss} at step {step}")
@@ -196,23 +205,39 @@ class StageRunner:
         bar.close()
         return {**metrics, **self.evaluate(stage.steps)}
 
-    @torch.no_grad()
-    def evaluate(self, step: int = 0) -> dict:
-        """Top-1, top-5 and loss on the held-out split, summed over ranks; every rank runs equal batches."""
-        stage, env = self.stage, self.env
-        index = read_index(Path(self.dataset.path) / self.dataset.eval_split)
-        self.engine.eval()
-        correct1 = correct5 = loss_sum = seen = 0.0
-        for images, labels in eval_batches(
+    def _held_out(self, index: ShardIndex, crop: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sample of `index` once over all ranks, preprocessed for evaluation; equal batches per rank."""
+        augment = self.stage.augment if crop is None else dataclasses.replace(self.stage.augment, eval_crop=crop)
+        batches = eval_batches(
             index,
-            rank=env.rank,
-            world_size=env.world_size,
-            batch_size=stage.eval_batch,
-            transform=eval_transform(stage.augment, self.image_size),
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            batch_size=self.stage.eval_batch,
+            transform=eval_transform(augment, self.image_size),
             image_size=self.image_size,
             num_workers=self.cfg.data.num_workers,
-        ):
-            images, labels = self._to_device(images, labels)
+        )
+        for images, labels in batches:
+            yield self._to_device(images, labels)
+
+    @torch.no_grad()
+    def evaluate(self, step: int = 0) -> dict:
+        """Top-1, top-5 and loss on the held-out split (`eval/...`, and `eval/<crop>/...` for each extra crop),
+        summed over ranks; few-shot accuracy if configured."""
+        index = read_index(Path(self.dataset.path) / self.dataset.eval_split)
+        self.engine.eval()
+        metrics = self._classify(index, None, "eval")
+        for crop in self.stage.augment.extra_eval_crops:
+            metrics.update(self._classify(index, crop, f"eval/{crop}"))
+        if self.stage.fewshot is not None:
+            metrics.update(self._fewshot(self.stage.fewshot))
+        self.engine.train()
+        self.tracker.log_metrics(metrics, step)
+        return metrics
+
+    def _classify(self, index: ShardIndex, crop: str | None, prefix: str) -> dict:
+        correct1 = correct5 = loss_sum = seen = 0.0
+        for images, labels in self._held_out(index, crop):
             logits = self.engine(images).float()
             valid = labels >= 0  # padding batches are labelled -1
             logits, labels = logits[valid], labels[valid]
@@ -221,15 +246,38 @@ class StageRunner:
             correct5 += (top == labels[:, None]).any(dim=-1).sum().item()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             seen += labels.numel()
-        correct1, correct5, loss_sum, seen = dist.all_reduce_sum([correct1, correct5, loss_sum, seen], env.device)
-        self.engine.train()
+        correct1, correct5, loss_sum, seen = dist.all_reduce_sum([correct1, correct5, loss_sum, seen], self.env.device)
         if seen == 0:
             raise RuntimeError(f"no readable samples in {index.root}")
-        metrics = {
-            "eval/top1": correct1 / seen,
-            "eval/top5": correct5 / seen,
-            "eval/loss": loss_sum / seen,
-            "eval/samples": seen,
+        return {
+            f"{prefix}/top1": correct1 / seen,
+            f"{prefix}/top5": correct5 / seen,
+            f"{prefix}/loss": loss_sum / seen,
+            f"{prefix}/samples": seen,
         }
-        self.tracker.log_metrics(metrics, step)
-        return metrics
+
+    def _features(self, index: ShardIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen pre-logit features (N, C) and labels of every sample of `index`, gathered from all ranks."""
+        features, labels = [], []
+        for images, y in self._held_out(index):
+            valid = y >= 0
+            features.append(self.engine.module.features(images)[valid].float().cpu())
+            labels.append(y[valid].cpu())
+        local = (torch.cat(features), torch.cat(labels))
+        return tuple(torch.cat(parts) for parts in zip(*dist.all_gather_objects(local)))
+
+    def _fewshot(self, fs: FewShotConfig) -> dict:
+        """big_vision's linear few-shot protocol; each value is the mean over `fs.seeds` draws of the shots."""
+        name = fs.dataset or self.stage.dataset
+        dataset = self.cfg.datasets[name]
+        pool = read_index(Path(dataset.path) / dataset.train_split).head(fs.max_train_samples)
+        train_x, train_y = self._features(pool)
+        test_x, test_y = self._features(read_index(Path(dataset.path) / dataset.eval_split))
+        return {
+            f"fewshot/{name}/{k}shot": sum(
+                fewshot_accuracy(train_x, train_y, test_x, test_y, dataset.num_classes, k, fs.l2, seed)
+                for seed in range(fs.seeds)
+            )
+            / fs.seeds
+            for k in fs.shots
+        }

@@ -75,11 +75,16 @@ def test_mlflow_holds_one_parent_and_a_finished_child_per_stage(tiny_run):
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"config.yaml", "deepspeed.json", "model.json"} <= artifacts
     assert parents[0].data.params["stages.finetune.optim.name"] == "sgd"
+    evaluation = next(r for r in children if r.data.tags["stage"] == "eval")
+    for k in (1, 5):
+        assert 0.0 <= evaluation.data.metrics[f"fewshot/novel/{k}shot"] <= 1.0
+    assert evaluation.data.metrics["eval/resmall-crop/samples"] == 130
 
 
 def test_exported_weights_reproduce_the_eval_stage_without_deepspeed(tiny_run):
     tmp = tiny_run[0]
     model = load_exported(tmp / "out" / "stages" / "finetune" / "model.safetensors").eval()
+    assert (model.spec.image_size, model.spec.num_patches, model.spec.tokens_mlp_dim) == (32, 64, 64)
     index = read_index(tmp / "novel" / "eval")
     correct = seen = 0
     with torch.no_grad():
@@ -88,8 +93,8 @@ def test_exported_weights_reproduce_the_eval_stage_without_deepspeed(tiny_run):
             rank=0,
             world_size=1,
             batch_size=32,
-            image_size=16,
-            transform=eval_transform(AugmentConfig(), 16),
+            image_size=32,
+            transform=eval_transform(AugmentConfig(), 32),
             num_workers=0,
         ):
             correct += int((model(images).argmax(-1) == labels).sum())

@@ -42,6 +42,14 @@ class ShardIndex:
     def num_samples(self) -> int:
         return sum(self.counts)
 
+    def head(self, num_samples: int) -> ShardIndex:
+        """The leading shards that hold at least `num_samples` samples (all of them if fewer)."""
+        total, n = 0, 0
+        while n < len(self.counts) and total < num_samples:
+            total += self.counts[n]
+            n += 1
+        return ShardIndex(self.root, self.shards[:n], self.counts[:n], self.classes)
+
     @property
     def urls(self) -> list[str]:
         return [str(self.root / name) for name in self.shards]

@@ -36,6 +36,18 @@ def train_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
     return v2.Compose(steps + _to_float())
 
 
+def batch_transform(cfg: AugmentConfig, num_classes: int) -> v2.Transform | None:
+    """Mixup / CutMix on whole batches (after collation): labels become (B, num_classes) probabilities."""
+    mixers = []
+    if cfg.mixup > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 def eval_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
     """ "resize-crop": resize both sides, centre-crop; "resmall-crop": resize the short side, centre-crop."""
     side = round(image_size * cfg.eval_resize)

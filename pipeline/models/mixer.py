@@ -11,7 +11,7 @@ Parameter names follow the official Flax checkpoints one-to-one:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -36,6 +36,10 @@ class MixerSpec:
     def num_patches(self) -> int:
         """S = HW / P^2; fixed by the token-mixing MLP, so a model has one input resolution."""
         return (self.image_size // self.patch_size) ** 2
+
+    def grown(self, factor: int) -> MixerSpec:
+        """The shape after App. C's resolution change: K times the side, K^2 tokens and token-mixing units."""
+        return replace(self, image_size=self.image_size * factor, tokens_mlp_dim=self.tokens_mlp_dim * factor**2)
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:
@@ -142,3 +146,36 @@ class MlpMixer(nn.Module):
 
 def count_params(model: nn.Module, include_head: bool = False) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if include_head or not name.startswith("head."))
+
+
+def grow_resolution(state: dict[str, torch.Tensor], spec: MixerSpec, factor: int) -> tuple[dict, MixerSpec]:
+    """Paper App. C: the token-mixing MLPs for an image `factor` times larger per side, patch size fixed.
+
+    S' = K^2 S tokens and D_S' = K^2 D_S hidden units. The new token grid is cut into K x K sub-grids of the
+    original size; the expanded weights are block-diagonal with one copy of the pre-trained MLP per sub-grid, so at
+    initialisation each sub-grid is mixed exactly as the pre-trained model mixed a whole image.
+    """
+    if factor < 1:
+        raise ValueError(f"resolution factor must be a positive integer, got {factor}")
+    side = spec.image_size // spec.patch_size  # tokens per side before
+    big = side * factor
+    rows = torch.arange(big).repeat_interleave(big)  # (S',) row-major token order, as the stem flattens
+    cols = torch.arange(big).repeat(big)
+    block = (rows // side) * factor + cols // side  # which sub-grid each new token belongs to
+    pos = (rows % side) * side + cols % side  # its token index inside that sub-grid
+    d_s, n_sub = spec.tokens_mlp_dim, factor * factor
+    out = dict(state)
+    for i in range(spec.num_blocks):
+        p = f"blocks.{i}.token_mixing."
+        w0, b0 = state[p + "dense_0.weight"], state[p + "dense_0.bias"]  # (D_S, S), (D_S,)
+        w1, b1 = state[p + "dense_1.weight"], state[p + "dense_1.bias"]  # (S, D_S), (S,)
+        new_w0 = w0.new_zeros(n_sub * d_s, big * big)
+        new_w1 = w1.new_zeros(big * big, n_sub * d_s)
+        for b in range(n_sub):
+            tokens = (block == b).nonzero().squeeze(1)
+            hidden = slice(b * d_s, (b + 1) * d_s)
+            new_w0[hidden, tokens] = w0[:, pos[tokens]]
+            new_w1[tokens, hidden] = w1[pos[tokens], :]
+        out[p + "dense_0.weight"], out[p + "dense_0.bias"] = new_w0, b0.repeat(n_sub)
+        out[p + "dense_1.weight"], out[p + "dense_1.bias"] = new_w1, b1[pos]
+    return out, spec.grown(factor)

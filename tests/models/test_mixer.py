@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer, count_params
+from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer, count_params, grow_resolution
 
 # Table 1 of the paper, millions of parameters without the head, at 224x224.
 TABLE_1 = {"S/32": 19, "S/16": 18, "B/32": 60, "B/16": 59, "L/32": 206, "L/16": 207, "H/14": 431}
@@ -65,3 +65,54 @@ def test_stochastic_depth_rises_linearly_and_is_off_in_eval():
 def test_bad_spec_is_refused():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         MlpMixer(MixerSpec(2, 5, 16, 8, 32, 16), num_classes=2)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_grown_model_mixes_each_tile_exactly_as_the_source_mixed_the_whole_image(factor):
+    """App. C's defining property: on an image of K x K tiles, every tile's tokens after every block equal the
+    source model's tokens on that tile alone."""
+    torch.manual_seed(0)
+    spec = MixerSpec(num_blocks=3, patch_size=4, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32, image_size=12)
+    source = MlpMixer(spec, num_classes=3).eval()
+    for p in source.parameters():  # non-trivial biases too, not only the initialiser's zeros
+        torch.nn.init.normal_(p, std=0.3)
+    state, grown_spec = grow_resolution(source.state_dict(), spec, factor)
+    assert grown_spec == spec.grown(factor)
+    assert (grown_spec.image_size, grown_spec.num_patches, grown_spec.tokens_mlp_dim) == (
+        12 * factor,
+        spec.num_patches * factor**2,
+        8 * factor**2,
+    )
+    grown = MlpMixer(grown_spec, num_classes=3).eval()
+    grown.load_state_dict(state)
+
+    image = torch.randn(2, 3, 12 * factor, 12 * factor)
+
+    def tokens_per_block(model, x):
+        x = model.stem(x).flatten(2).transpose(1, 2)
+        out = []
+        for block in model.blocks:
+            x = block(x)
+            out.append(x)
+        return out
+
+    big = tokens_per_block(grown, image)
+    side, big_side = 3, 3 * factor  # tokens per side
+    with torch.no_grad():
+        for ti in range(factor):
+            for tj in range(factor):
+                tile = image[..., ti * 12 : (ti + 1) * 12, tj * 12 : (tj + 1) * 12]
+                small = tokens_per_block(source, tile)
+                rows = torch.arange(side).repeat_interleave(side) + ti * side
+                cols = torch.arange(side).repeat(side) + tj * side
+                where = rows * big_side + cols
+                for layer, (b, s) in enumerate(zip(big, small)):
+                    assert torch.allclose(b[:, where], s, atol=1e-5), (ti, tj, layer)
+
+
+def test_grown_token_mixing_is_block_diagonal():
+    spec = MixerSpec(num_blocks=1, patch_size=4, hidden_dim=8, tokens_mlp_dim=4, channels_mlp_dim=16, image_size=8)
+    state, _ = grow_resolution(MlpMixer(spec, 2).state_dict(), spec, 2)
+    w0 = state["blocks.0.token_mixing.dense_0.weight"]  # (K^2 D_S, K^2 S) = (16, 16)
+    # Four sub-grids, each a (D_S=4) x (S=4) block; every other weight is zero.
+    assert w0.shape == (16, 16) and torch.count_nonzero(w0) == 4 * 4 * 4
