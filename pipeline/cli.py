@@ -155,6 +155,39 @@ def cmd_weights_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Training throughput and MFU of the project's step vs timm's MlpMixer + torch.compile, in one process."""
+    from pipeline import bench
+
+    variants = bench.ALL_VARIANTS if args.variants == ["all"] else args.variants or bench.DEFAULT_VARIANTS
+    ds_options = {"overlap_comm": args.overlap_comm, "reduce_bucket_size": int(args.bucket)}
+    result = bench.run_train_bench(args.model, args.batch, args.steps, args.warmup, variants, ds_options, args.profile)
+    table = Table(
+        title=f"Mixer-{args.model}, batch {args.batch}, {result['device']} "
+        f"(bf16 matmul {result['measured_bf16_matmul_tflops']:.0f} TFLOP/s measured)"
+    )
+    for column in ("variant", "img/s", "step ms", "MFU", "peak GiB", f"vs {result['baseline']}"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(
+            row["name"],
+            f"{row['images_per_s']:.0f}",
+            f"{row['step_ms']:.1f}",
+            f"{row['mfu']:.1%}",
+            f"{row['peak_memory_gib']:.1f}",
+            f"{row['images_per_s'] / result['baseline_images_per_s']:.2f}x",
+        )
+    console.print(table)
+    if args.json:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0
+
+
 def _parse_size(text: str) -> int:
     units = {"K": 1024, "M": 1024**2, "G": 1024**3}
     text = text.strip().upper().removesuffix("B")
@@ -220,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--max-size", default="256MB", help="largest shard size (e.g. 256MB, 1GB)")
     write.add_argument("--max-count", type=int, default=100_000, help="most samples per shard")
     write.set_defaults(func=cmd_shards_write)
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table; --json for machines)", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
+    train = bench_sub.add_parser(
+        "train", help="training step vs timm + torch.compile on one GPU", description=cmd_bench_train.__doc__
+    )
+    train.add_argument("--model", default="B/16", choices=["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"])
+    train.add_argument("--batch", type=int, default=256)
+    train.add_argument("--steps", type=int, default=30, help="timed optimiser steps per variant")
+    train.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    train.add_argument("--variants", nargs="*", help="variant names, or 'all' (default: timm + compile vs ours)")
+    train.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
+    train.add_argument(
+        "--overlap-comm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="DeepSpeed zero_optimization.overlap_comm",
+    )
+    train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
+    train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")
+    train.set_defaults(func=cmd_bench_train)
 
     weights = sub.add_parser("weights", help="convert Mixer weights between layouts", description="Weight tools.")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="COMMAND")

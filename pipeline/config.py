@@ -175,6 +175,7 @@ class DeepSpeedConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000  # elements
+    compile: bool = False  # torch.compile the model (in place: parameter names and checkpoints are unchanged)
 
 
 @dataclass

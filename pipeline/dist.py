@@ -52,6 +52,9 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
     """NCCL on GPUs, gloo on CPU. DeepSpeed reuses this group."""
     if torch_dist.is_initialized():
         return
+    # DeepSpeed reads these itself; under a bare `srun` or a single process only we know them.
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+        os.environ.setdefault(name, str(value))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     torch_dist.init_process_group(

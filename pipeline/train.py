@@ -24,8 +24,9 @@ from pipeline.data.shards import ShardIndex, read_index
 from pipeline.data.stream import eval_batches, train_batches
 from pipeline.data.transforms import batch_transform, eval_transform, train_transform
 from pipeline.fewshot import fewshot_accuracy
+from pipeline.flops import peak_flops, train_flops_per_image
 from pipeline.layout import RunLayout, StageLayout
-from pipeline.models.mixer import MlpMixer
+from pipeline.models.mixer import MixerSpec, MlpMixer
 
 
 def seed_everything(seed: int) -> None:
@@ -70,7 +71,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     if not has_own and stage.init_from is not None:
         source = checkpoint.init_source(stage.init_from, RunLayout(Path(cfg.output_dir)))
         checkpoint.init_weights(model, source, new_head=stage.kind == "finetune")
-    engine = eng.build_engine(model, stage, ds_config)
+    engine = eng.build_engine(model, stage, ds_config, cfg.deepspeed.compile)
     start_step = 0
     if has_own and stage.kind != "eval":
         state = checkpoint.resume(engine, layout)
@@ -83,7 +84,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         tracker.log_artifact(layout.deepspeed_config)
     started = time.time()
     try:
-        runner = StageRunner(cfg, stage, env, engine, tracker, layout, spec.image_size)
+        runner = StageRunner(cfg, stage, env, engine, tracker, layout, spec)
         metrics = runner.evaluate() if stage.kind == "eval" else runner.train(start_step)
         result = {
             "stage": stage.name,
@@ -127,12 +128,13 @@ class StageRunner:
         engine: eng.Engine,
         tracker: tracking.NullTracker,
         layout: StageLayout,
-        image_size: int,
+        spec: MixerSpec,
     ) -> None:
         self.cfg, self.stage, self.env, self.engine, self.tracker = cfg, stage, env, engine, tracker
         self.layout = layout
         self.dataset = cfg.datasets[stage.dataset]
-        self.image_size = image_size
+        self.spec = spec
+        self.image_size = spec.image_size
         self.dtype = torch.bfloat16 if eng.uses_bf16(cfg.deepspeed, env.device) else torch.float32
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +154,10 @@ class StageRunner:
             seed=self.cfg.seed * 1_000_003 + start_step,
         )
         mix = batch_transform(stage.augment, self.dataset.num_classes)
+        flops_per_image = train_flops_per_image(self.spec, self.dataset.num_classes)
+        peak, estimated = peak_flops(env.device, self.dtype)
+        self.tracker.log_params({"mfu/peak_tflops": round(peak / 1e12, 2)})
+        self.tracker.set_tags({"mfu/peak_source": "estimated (measured matmul)" if estimated else "datasheet"})
         accumulation = stage.accumulation(env.world_size)
         images_per_step = stage.micro_batch * accumulation * env.world_size
         # A live line on a terminal; in a log file (batch jobs, CI) a line every 20 s is enough.
@@ -185,10 +191,12 @@ class StageRunner:
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"stage {stage.name}: loss is {mean_loss} at step {step}")
                 elapsed = time.time() - window_start
+                img_per_s = window_steps * images_per_step / elapsed
                 metrics = {
                     "train/loss": mean_loss,
                     "train/lr": self.engine.get_lr()[0],
-                    "train/img_per_s": window_steps * images_per_step / elapsed,
+                    "train/img_per_s": img_per_s,
+                    "train/mfu": img_per_s * flops_per_image / (peak * env.world_size),
                 }
                 self.tracker.log_metrics(metrics, step)
                 bar.set_postfix(

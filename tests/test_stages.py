@@ -70,7 +70,9 @@ def test_mlflow_holds_one_parent_and_a_finished_child_per_stage(tiny_run):
     losses = client.get_metric_history(pretrain.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 4, 6]
     assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "eval/top1")] == [3, 6]
-    for key in ("train/lr", "train/img_per_s", "eval/top5"):
+    assert pretrain.data.tags["mfu/peak_source"].startswith("estimated")  # a CPU is not in the peak table
+    assert 0 < pretrain.data.metrics["train/mfu"] < 1
+    for key in ("train/lr", "train/img_per_s", "train/mfu", "eval/top5"):
         assert client.get_metric_history(pretrain.info.run_id, key)
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"config.yaml", "deepspeed.json", "model.json"} <= artifacts

@@ -1,0 +1,196 @@
+"""`mixer bench train`: the project's real training step against timm's MlpMixer + torch.compile, in one process.
+
+Every variant trains the same Mixer shape on the same synthetic batch (random 224x224 input, random labels) in
+bf16, with fused AdamW, for `warmup` untimed and `steps` timed optimiser steps. Throughput is images over the
+wall time of the timed steps (the device synchronised at both ends); MFU divides the training FLOPs by the bf16
+matmul rate measured in the same process (and the datasheet peak, for reference).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import dist
+from pipeline import engine as eng
+from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
+from pipeline.flops import measure_matmul_flops, peak_flops, train_flops_per_image
+from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer
+
+NUM_CLASSES = 1000
+Step = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Result:
+    name: str
+    images_per_s: float
+    step_ms: float
+    peak_memory_gib: float
+
+
+def _time(step: Step, images: torch.Tensor, labels: torch.Tensor, warmup: int, steps: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step(images, labels)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(images, labels)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return images.shape[0] / seconds, seconds * 1000
+
+
+def _profile(name: str, step: Step, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Where one step's time goes: the top operators by device time and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step(images, labels)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(f"--- profile of 3 steps: {name}", flush=True)
+    print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+
+
+def _plain_step(model: torch.nn.Module) -> Step:
+    """Autocast bf16 over fp32 weights, fused AdamW: how timm's train.py runs."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timm_model(spec: MixerSpec) -> torch.nn.Module:
+    from timm.models.mlp_mixer import MlpMixer as TimmMixer
+
+    ratios = (spec.tokens_mlp_dim / spec.hidden_dim, spec.channels_mlp_dim / spec.hidden_dim)
+    return TimmMixer(
+        num_classes=NUM_CLASSES,
+        img_size=spec.image_size,
+        patch_size=spec.patch_size,
+        num_blocks=spec.num_blocks,
+        embed_dim=spec.hidden_dim,
+        mlp_ratio=ratios,
+    )
+
+
+def _deepspeed_step(spec: MixerSpec, batch: int, zero_stage: int, compile_model: bool, ds_options: dict) -> Step:
+    """The step `mixer run` takes: DeepSpeed engine, bf16 weights with fp32 master copies, fused AdamW, clipping."""
+    stage = StageConfig(
+        name="bench",
+        kind="pretrain",
+        dataset="synthetic",
+        steps=10**6,
+        micro_batch=batch,
+        optim=OptimConfig(warmup_steps=10),
+    )
+    ds = DeepSpeedConfig(zero_stage=zero_stage, precision="bf16", **ds_options)
+    engine = eng.build_engine(
+        MlpMixer(spec, NUM_CLASSES), stage, eng.build_config(stage, ds, 1, torch.device("cuda")), compile_model
+    )
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = F.cross_entropy(engine(images.to(torch.bfloat16)).float(), labels)
+        engine.backward(loss)
+        engine.step()
+
+    return step
+
+
+def run_train_bench(
+    model: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    variants: list[str],
+    ds_options: dict | None = None,
+    profile: bool = False,
+) -> dict:
+    """Measure each variant in turn on one GPU; returns rows plus the headline numbers."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("mixer bench train needs a CUDA GPU")
+    env = dist.read_env("cuda")
+    dist.init_process_group(env)
+    spec = VARIANTS[model]
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, spec.image_size, spec.image_size, device="cuda")
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+    builders: dict[str, Callable[[], Step]] = {
+        "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
+        "timm + compile": lambda: _plain_step(torch.compile(timm_model(spec).cuda())),
+        "ours + compile (no DeepSpeed)": lambda: _plain_step(torch.compile(MlpMixer(spec, NUM_CLASSES).cuda())),
+        "ours DeepSpeed ZeRO-0 + compile": lambda: _deepspeed_step(spec, batch, 0, True, ds_options or {}),
+        "ours DeepSpeed ZeRO-1 + compile": lambda: _deepspeed_step(spec, batch, 1, True, ds_options or {}),
+        "ours DeepSpeed ZeRO-2 + compile": lambda: _deepspeed_step(spec, batch, 2, True, ds_options or {}),
+        "ours DeepSpeed ZeRO-3": lambda: _deepspeed_step(spec, batch, 3, False, ds_options or {}),
+        "ours DeepSpeed ZeRO-2": lambda: _deepspeed_step(spec, batch, 2, False, ds_options or {}),
+    }
+    rows = []
+    for name in variants:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step = builders[name]()
+        ips, ms = _time(step, images, labels, warmup, steps)
+        if profile:
+            _profile(name, step, images, labels)
+        rows.append(Result(name, ips, ms, torch.cuda.max_memory_allocated() / 2**30))
+        print(f"{name}: {ips:.0f} img/s, {ms:.1f} ms/step", flush=True)
+        del step
+        gc.collect()
+    measured = measure_matmul_flops(env.device, torch.bfloat16)
+    datasheet, _ = peak_flops(env.device, torch.bfloat16)
+    flops = train_flops_per_image(spec)
+    by_name = {r.name: r for r in rows}
+    ours = next((r for r in rows if r.name.startswith("ours DeepSpeed")), rows[-1])
+    baseline = by_name.get("timm + compile", rows[0])
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": model,
+        "batch": batch,
+        "train_gflops_per_image": flops / 1e9,
+        "measured_bf16_matmul_tflops": measured / 1e12,
+        "datasheet_bf16_tflops": datasheet / 1e12,
+        "rows": [
+            {
+                **r.__dict__,
+                "mfu": r.images_per_s * flops / measured,
+                "mfu_datasheet": r.images_per_s * flops / datasheet,
+            }
+            for r in rows
+        ],
+        "ours": ours.name,
+        "images_per_s": ours.images_per_s,
+        "baseline": baseline.name,
+        "baseline_images_per_s": baseline.images_per_s,
+        "mfu": ours.images_per_s * flops / measured,
+        "speedup": ours.images_per_s / baseline.images_per_s,
+    }
+
+
+DEFAULT_VARIANTS = ["timm + compile", "ours + compile (no DeepSpeed)", "ours DeepSpeed ZeRO-2 + compile"]
+ALL_VARIANTS = [
+    "timm eager",
+    "timm + compile",
+    "ours + compile (no DeepSpeed)",
+    "ours DeepSpeed ZeRO-2",
+    "ours DeepSpeed ZeRO-0 + compile",
+    "ours DeepSpeed ZeRO-1 + compile",
+    "ours DeepSpeed ZeRO-2 + compile",
+    "ours DeepSpeed ZeRO-3",
+]
