@@ -20,22 +20,15 @@ def official_arrays(seed=0):
         b = f"MixerBlock_{i}"
         for ln in ("LayerNorm_0", "LayerNorm_1"):
             a[f"{b}/{ln}/scale"], a[f"{b}/{ln}/bias"] = rng.normal(size=C), rng.normal(size=C)
-        a[f"{b}/token_mixing/Dense_0/kernel"], a[f"{b}/token_mixing/Dense_0/bias"] = (
-            rng.normal(size=(S, D_S)),
-            rng.normal(size=D_S),
-        )
-        a[f"{b}/token_mixing/Dense_1/kernel"], a[f"{b}/token_mixing/Dense_1/bias"] = (
-            rng.normal(size=(D_S, S)),
-            rng.normal(size=S),
-        )
-        a[f"{b}/channel_mixing/Dense_0/kernel"], a[f"{b}/channel_mixing/Dense_0/bias"] = (
-            rng.normal(size=(C, D_C)),
-            rng.normal(size=D_C),
-        )
-        a[f"{b}/channel_mixing/Dense_1/kernel"], a[f"{b}/channel_mixing/Dense_1/bias"] = (
-            rng.normal(size=(D_C, C)),
-            rng.normal(size=C),
-        )
+        # Flax kernels are (in, out).
+        for mlp, k, fan_in, fan_out in [
+            ("token_mixing", 0, S, D_S),
+            ("token_mixing", 1, D_S, S),
+            ("channel_mixing", 0, C, D_C),
+            ("channel_mixing", 1, D_C, C),
+        ]:
+            a[f"{b}/{mlp}/Dense_{k}/kernel"] = rng.normal(size=(fan_in, fan_out))
+            a[f"{b}/{mlp}/Dense_{k}/bias"] = rng.normal(size=fan_out)
     a["pre_head_layer_norm/scale"], a["pre_head_layer_norm/bias"] = rng.normal(size=C), rng.normal(size=C)
     a["head/kernel"], a["head/bias"] = rng.normal(size=(C, K)), rng.normal(size=K)
     return {k: v.astype(np.float32) for k, v in a.items()}
