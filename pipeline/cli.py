@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixer",
         description="MLP-Mixer pre-training pipeline: WebDataset shards -> DeepSpeed (ZeRO) training -> MLflow.",
     )
+    # The DeepSpeed launcher inserts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -233,8 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     stage.add_argument("--name", required=True, help="the stage to run")
     stage.add_argument("--parent-run-id", help="MLflow run of the experiment, for the stage's child run")
-    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
-    stage.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     stage.set_defaults(func=cmd_stage)
 
     models = sub.add_parser(

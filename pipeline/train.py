@@ -91,6 +91,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
             "kind": stage.kind,
             "steps": stage.steps,
             "wall_s": round(time.time() - started, 1),
+            "world_size": env.world_size,
             **metrics,
             "run_id": tracker.run_id,
         }

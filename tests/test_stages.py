@@ -1,6 +1,11 @@
 """The integration test: the tiny experiment end to end through `mixer run` (torchrun, 2 ZeRO ranks, MLflow)."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +128,37 @@ def test_launch_command_spans_nodes_with_a_rendezvous(tmp_path):
     assert "--standalone" not in cmd
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "node0:29400" and cmd[cmd.index("--node-rank") + 1] == "1"
     assert cmd[-4:] == ["--name", "pretrain", "--parent-run-id", "abc"]
+
+
+def test_the_deepspeed_launcher_starts_the_same_stage(tiny_run, tmp_path):
+    """README: `deepspeed --num_gpus N --module pipeline stage CONFIG --name S` (it passes --local_rank first)."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[0] / "out", out)
+    shutil.rmtree(out / "stages" / "eval")
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace(str(tiny_run[0] / "out"), str(out)))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    result = subprocess.run(
+        [
+            str(launcher),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29533",
+            "--module",
+            "pipeline",
+            "stage",
+            str(config),
+            "--name",
+            "eval",
+            "tracking.enabled=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    evaluation = json.loads((out / "stages" / "eval" / "result.json").read_text())
+    assert evaluation["world_size"] == 2 and evaluation["eval/samples"] == 130
