@@ -11,7 +11,7 @@ from rich.table import Table
 
 from pipeline import stages
 from pipeline.config import ConfigError, load_config
-from pipeline.stages import StageFailed
+from pipeline.stages import REQUEUE_EXIT, StageFailed, StagePreempted
 
 # Logs and CI have no terminal width: give tables room rather than cutting paths.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -81,10 +81,13 @@ def _print_plan(cfg) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage, in every process that a launcher (torchrun, deepspeed, accelerate, srun) started."""
-    from pipeline.train import run_stage
+    from pipeline.train import Preempted, run_stage
 
     cfg = load_config(args.config, args.overrides)
-    run_stage(cfg, args.name, args.parent_run_id)
+    try:
+        run_stage(cfg, args.name, args.parent_run_id)
+    except Preempted:
+        return REQUEUE_EXIT  # checkpoint saved; the scheduler should run this again
     return 0
 
 
@@ -304,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mixer: interrupted", file=sys.stderr)
         return 130
+    except StagePreempted as err:
+        print(f"mixer: {err}", file=sys.stderr)
+        return REQUEUE_EXIT
     except StageFailed as err:  # the failing ranks printed their tracebacks above
         print(f"mixer: error: {err}", file=sys.stderr)
         return 1

@@ -57,6 +57,11 @@ class StageLayout:
         return self.root / "run_id"
 
     @property
+    def preempted(self) -> Path:
+        """Holds the step at which the stage saved and stopped on a scheduler's signal; removed on resume."""
+        return self.root / "preempted"
+
+    @property
     def result(self) -> Path:
         return self.root / "result.json"
 

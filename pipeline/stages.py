@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,18 @@ from pipeline.config import ExperimentConfig, GenerateConfig, StageConfig, dump_
 from pipeline.data import synthetic
 from pipeline.data.shards import INDEX_NAME
 from pipeline.layout import RunLayout
+
+# Exit status of a stage (and of `mixer run`) that saved a checkpoint and stopped on SIGTERM/SIGUSR1: run the same
+# command again (Slurm: requeue the job) to resume. 75 is EX_TEMPFAIL, "try again later".
+REQUEUE_EXIT = 75
+
+
+class StagePreempted(RuntimeError):
+    def __init__(self, stage: str, step: str) -> None:
+        super().__init__(
+            f"stage {stage!r} stopped on a signal at step {step} after saving a checkpoint; "
+            f"run the same command again to resume (exit status {REQUEUE_EXIT})"
+        )
 
 
 class StageFailed(RuntimeError):
@@ -113,7 +126,10 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
             if done is None:
                 cmd = launch_command(cfg, layout.config, stage, parent.run_id)
                 started = time.time()
-                returncode = subprocess.run(cmd, env=stage_env(cfg)).returncode
+                stage_layout.preempted.unlink(missing_ok=True)
+                returncode = _launch(cmd, stage_env(cfg))
+                if stage_layout.preempted.exists():
+                    raise StagePreempted(stage.name, stage_layout.preempted.read_text().strip())
                 if returncode != 0:
                     raise StageFailed(stage.name, returncode)
                 done = stage_layout.read_result()
@@ -124,7 +140,7 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
             parent.log_metrics(
                 {f"{stage.name}/{k}": v for k, v in done.items() if k.startswith(("eval/", "train/"))}, step=0
             )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StagePreempted):
         parent.finish("KILLED")
         raise
     except BaseException:
@@ -132,3 +148,26 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
         raise
     parent.finish("FINISHED")
     return results
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> int:
+    """Run a stage's launcher; SIGTERM/SIGUSR1 to this process are passed on to it once, as SIGTERM.
+
+    The launcher gets a session of its own, so a signal to this process group reaches it only through here; torchrun
+    then gives every rank SIGTERM and time to finish its step and save.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    forwarded = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal forwarded
+        if not forwarded:
+            forwarded = True
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import sys
 import time
 import warnings
@@ -107,6 +108,15 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         if env.is_primary:
             layout.write_result(result)
         dist.barrier()
+    except Preempted as stop:
+        # The stage's MLflow run continues when the same command is run again (tracking keeps its id).
+        tracker.set_tags({"preempted_at_step": str(stop.step)})
+        tracker.finish("KILLED")
+        if env.is_primary:
+            layout.preempted.write_text(str(stop.step))
+        dist.barrier()
+        dist.destroy()
+        raise
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
@@ -116,6 +126,33 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     tracker.finish("FINISHED")
     dist.destroy()
     return result
+
+
+class Preempted(Exception):
+    """The scheduler asked the job to stop; a checkpoint of the current step is saved."""
+
+    def __init__(self, stage: str, step: int) -> None:
+        super().__init__(f"stage {stage!r} preempted at step {step}; its checkpoint is saved")
+        self.step = step
+
+
+class Preemption:
+    """SIGTERM (preemption, time limit) and SIGUSR1 (Slurm's --signal warning) ask every rank to finish the step it
+    is in, save, and exit with REQUEUE_EXIT. Ranks may get the signal at different steps, so they agree on it
+    through one all-reduce per step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        return dist.all_reduce_max(float(self.requested), device) > 0
 
 
 class StageRunner:
@@ -136,6 +173,7 @@ class StageRunner:
         self.dataset = cfg.datasets[stage.dataset]
         self.spec = spec
         self.image_size = spec.image_size
+        self.preemption = Preemption()
         self.dtype = torch.bfloat16 if eng.uses_bf16(cfg.deepspeed, env.device) else torch.float32
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,8 +195,13 @@ class StageRunner:
         mix = batch_transform(stage.augment, self.dataset.num_classes)
         flops_per_image = train_flops_per_image(self.spec, self.dataset.num_classes)
         peak, estimated = peak_flops(env.device, self.dtype)
-        self.tracker.log_params({"mfu/peak_tflops": round(peak / 1e12, 2)})
-        self.tracker.set_tags({"mfu/peak_source": "estimated (measured matmul)" if estimated else "datasheet"})
+        # Tags, not params: a resumed run may measure a slightly different estimate, and params never change.
+        self.tracker.set_tags(
+            {
+                "mfu/peak_tflops": f"{peak / 1e12:.2f}",
+                "mfu/peak_source": "estimated (measured matmul)" if estimated else "datasheet",
+            }
+        )
         accumulation = stage.accumulation(env.world_size)
         images_per_step = stage.micro_batch * accumulation * env.world_size
         # A live line on a terminal; in a log file (batch jobs, CI) a line every 20 s is enough.
@@ -211,6 +254,10 @@ class StageRunner:
             if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step != stage.steps:
                 checkpoint.save(self.engine, self.layout, step, {"mlflow_run_id": self.tracker.run_id})
                 window_start = time.time()
+            if self.preemption.agreed(env.device) and step != stage.steps:
+                checkpoint.save(self.engine, self.layout, step, {"mlflow_run_id": self.tracker.run_id})
+                bar.close()
+                raise Preempted(stage.name, step)
         bar.close()
         return {**metrics, **self.evaluate(stage.steps)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -21,6 +22,13 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float32, labels (B,) int64
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which saves before exiting (and takes them along):
+    launchers signal a rank's whole process group, and a worker dying first would abort the save."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _warn_and_skip(err: Exception) -> bool:
@@ -56,7 +64,13 @@ def train_batches(
         wds.map(_to_pair(transform), handler=_warn_and_skip),
         wds.batched(batch_size, partial=False),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    loader = wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
+    )
     yield from loader
 
 
@@ -87,7 +101,9 @@ def eval_batches(
         )
         workers = min(num_workers, len(urls))
         # Workers each end on a partial batch: re-batch in this process so the count is exact.
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers).unbatched()
+        loader = wds.WebLoader(
+            pipeline, batch_size=None, num_workers=workers, worker_init_fn=_ignore_stop_signals
+        ).unbatched()
         for batch in loader.batched(batch_size, partial=True):
             produced += 1
             yield batch[0], batch[1]
