@@ -45,8 +45,7 @@ def export(
         state = eng.consolidated_state_dict(layout.checkpoints, tag)
     else:  # without ZeRO every rank holds the whole model
         state = engine.module.state_dict()
-    meta = {"spec": dataclasses.asdict(spec), "num_classes": num_classes, "gelu": gelu}
-    weights.write_export(state, meta, layout.weights)
+    weights.write_export(weights.Weights(state, spec, num_classes, gelu), layout.weights)
     return layout.weights
 
 
@@ -77,10 +76,11 @@ def growth_factor(source: MixerSpec, image_size: int, where: str) -> int:
     return image_size // source.image_size
 
 
-def stage_specs(cfg: ExperimentConfig) -> dict[str, MixerSpec]:
+def stage_specs(cfg: ExperimentConfig, upto: str | None = None) -> dict[str, MixerSpec]:
     """Each stage's model shape: from its source stage or weights file, grown by App. C where its image_size says.
 
-    Called before launch, so a resolution change that cannot work is refused before any process starts.
+    Called before launch, so a resolution change that cannot work is refused before any process starts. `upto`
+    stops after that stage (a stage's ranks need no later stage's source weights read).
     """
     specs: dict[str, MixerSpec] = {}
     for stage in cfg.stages:
@@ -89,13 +89,15 @@ def stage_specs(cfg: ExperimentConfig) -> dict[str, MixerSpec]:
             base = cfg.model.spec()
             size = stage.image_size or base.image_size
             specs[stage.name] = dataclasses.replace(base, image_size=size)  # scratch: any valid size
-            continue
-        if stage.init_from in specs:
-            base = specs[stage.init_from]
         else:
-            base = weights.read_weights(stage.init_from).spec
-        factor = growth_factor(base, stage.image_size or base.image_size, where)
-        specs[stage.name] = base.grown(factor)
+            if stage.init_from in specs:
+                base = specs[stage.init_from]
+            else:
+                base = weights.read_weights(stage.init_from).spec
+            factor = growth_factor(base, stage.image_size or base.image_size, where)
+            specs[stage.name] = base.grown(factor)
+        if stage.name == upto:
+            break
     return specs
 
 

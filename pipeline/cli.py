@@ -142,8 +142,7 @@ def cmd_weights_import(args: argparse.Namespace) -> int:
     from pipeline import weights
 
     w = weights.read_weights(args.source)
-    meta = {"spec": w.spec.__dict__, "num_classes": w.num_classes, "gelu": w.gelu}
-    weights.write_export(w.state, meta, args.out)
+    weights.write_export(w, args.out)
     console.print(f"{args.source} -> {args.out}: {w.spec}, {w.num_classes} classes, GELU {w.gelu}")
     return 0
 

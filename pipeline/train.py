@@ -54,7 +54,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     layout = RunLayout(Path(cfg.output_dir)).stage(stage.name)
     layout.root.mkdir(parents=True, exist_ok=True)
     dataset = cfg.datasets[stage.dataset]
-    spec = checkpoint.stage_specs(cfg)[stage.name]
+    spec = checkpoint.stage_specs(cfg, upto=stage.name)[stage.name]
 
     # Identical initial weights on every rank; rank-specific randomness (dropout, data) after.
     seed_everything(cfg.seed)

@@ -8,6 +8,7 @@ Flax Dense kernels are (in, out) and the stem kernel is HWIO: both are transpose
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -177,8 +178,9 @@ def read_weights(path: str | Path) -> Weights:
     return Weights(state, spec, num_classes, gelu="exact")  # timm's Mixer uses torch's exact GELU
 
 
-def write_export(state: dict[str, torch.Tensor], spec_json: dict, path: str | Path) -> None:
-    """Our export format: safetensors weights with model.json beside them."""
+def write_export(w: Weights, path: str | Path) -> None:
+    """Our export format: fp32 safetensors weights with model.json (shape, classes, GELU) beside them."""
     path = Path(path)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(path))
-    (path.parent / "model.json").write_text(json.dumps(spec_json, indent=2))
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in w.state.items()}, str(path))
+    meta = {"spec": dataclasses.asdict(w.spec), "num_classes": w.num_classes, "gelu": w.gelu}
+    (path.parent / "model.json").write_text(json.dumps(meta, indent=2))

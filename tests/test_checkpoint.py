@@ -45,3 +45,11 @@ def test_weights_of_another_shape_are_refused(tmp_path):
     other = MlpMixer(MixerSpec(3, 4, 8, 4, 16, 16), num_classes=3)
     with pytest.raises(ValueError, match="do not fit the model"):
         init_weights(other, tmp_path / "src.npz", new_head=False)
+
+
+def test_a_stage_reads_no_later_stage_source():
+    """A stage's ranks resolve only the chain up to their own stage, not later stages' weights files."""
+    cfg = load_config(TINY, ["stages.eval.init_from=/nonexistent/later.npz"])
+    assert list(stage_specs(cfg, upto="finetune")) == ["pretrain", "finetune"]
+    with pytest.raises(FileNotFoundError):
+        stage_specs(cfg)
