@@ -10,6 +10,7 @@ Resume precedence, coded in this order in `train.run_stage`:
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from pipeline import engine as eng
@@ -23,9 +24,26 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save(engine: eng.Engine, layout: StageLayout, step: int, client_state: dict) -> str:
-    """Collective sharded save of everything needed to continue; returns the checkpoint's tag."""
+def _data_file(layout: StageLayout, tag: str, rank: int) -> Path:
+    return layout.checkpoints / tag / "data" / f"rank{rank:05d}.json"
+
+
+def save(
+    engine: eng.Engine,
+    layout: StageLayout,
+    step: int,
+    client_state: dict,
+    data_state: dict | None = None,
+    rank: int = 0,
+) -> str:
+    """Collective sharded save of everything needed to continue; returns the checkpoint's tag.
+
+    Each rank's data position goes to `<tag>/data/rank<r>.json`, written before DeepSpeed moves `latest`."""
     tag = tag_for(step)
+    if data_state is not None:
+        path = _data_file(layout, tag, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data_state))
     eng.save_checkpoint(engine, layout.checkpoints, tag, {"step": step, **client_state})
     return tag
 
@@ -35,6 +53,20 @@ def resume(engine: eng.Engine, layout: StageLayout) -> dict | None:
     if not (layout.checkpoints / "latest").exists():
         return None
     return eng.load_checkpoint(engine, layout.checkpoints)
+
+
+def data_state(layout: StageLayout, rank: int) -> dict | None:
+    """This rank's saved data position in the latest checkpoint; rank 0's when the job had fewer ranks (the
+    stream then remaps it by global sample count)."""
+    latest = layout.checkpoints / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    for r in (rank, 0):
+        path = _data_file(layout, tag, r)
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
 
 
 def export(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -119,21 +121,76 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_write(args: argparse.Namespace) -> int:
-    """An image folder (one sub-folder per class) -> WebDataset tar shards + index.json."""
-    from pipeline.data.shards import samples_from_folder, write_shards
+    """Images -> WebDataset tar shards + index.json, with parallel workers; rerun to resume.
 
-    classes, files, samples = samples_from_folder(args.source)
-    index = write_shards(
-        samples,
+    SOURCE is a folder with one sub-folder of images per class, or a CSV/JSONL manifest with `path` (or `url`),
+    `label` (integer or class name) and any extra fields (kept in each sample's .json). Images that fail to decode
+    are left out and listed in OUT/report.json."""
+    from pipeline.data.shards import items_from_folder, items_from_manifest, write_dataset_shards
+
+    source = Path(args.source)
+    classes, items = items_from_folder(source) if source.is_dir() else items_from_manifest(source)
+    index, report = write_dataset_shards(
+        items,
         args.out,
         classes=classes,
-        max_bytes=_parse_size(args.max_size),
+        workers=args.workers,
         max_count=args.max_count,
-        total=len(files),
+        max_bytes=_parse_size(args.max_size),
+        max_side=args.max_side,
+        quality=args.quality,
     )
     console.print(
-        f"wrote {index.num_samples} samples of {len(classes)} classes in {len(index.shards)} shards to {index.root}"
+        f"wrote {index.num_samples} samples of {len(classes) or 'integer-labelled'} classes in {len(index.shards)} "
+        f"shards to {index.root} ({report['resumed_shards']} already complete)"
     )
+    if report["failed"]:
+        console.print(f"[yellow]{len(report['failed'])} images failed to decode and were left out[/] (report.json)")
+    return 0
+
+
+def cmd_shards_index(args: argparse.Namespace) -> int:
+    """Count the samples of existing shards (any writer; local, pipe: or fsspec URLs) and write their index."""
+    from pipeline.data.sources import expand, write_index
+
+    urls = expand(args.shards) if "{" in args.shards or "::" in args.shards else [args.shards]
+    if len(urls) == 1 and Path(urls[0]).is_dir():
+        urls = sorted(str(p) for p in Path(urls[0]).glob("*.tar"))
+    out = Path(args.out) if args.out else Path(urls[0]).parent / "index.json"
+    classes = args.classes.split(",") if args.classes else []
+    path = write_index(urls, out, classes, progress=lambda url, n: console.print(f"{url}: {n} samples"))
+    console.print(f"indexed {len(urls)} shards -> {path}")
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    """Loader images/s from shards vs a naive single-process PIL loader, measured in the same run."""
+    from pipeline.data.bench import run_data_bench
+
+    result = run_data_bench(
+        args.shards,
+        workers=args.workers,
+        batch=args.batch,
+        batches=args.batches,
+        image_size=args.image_size,
+        decode=args.decode,
+        randaugment=args.randaugment,
+        baseline_images=args.baseline_images,
+        generate=args.generate,
+    )
+    table = Table(title=f"loader, {result['samples']} samples, {result['image_size']}px crops")
+    for column in ("loader", "workers", "img/s", "img/s per worker", "per-core vs naive"):
+        table.add_column(column, justify="right")
+    table.add_row("naive PIL (1 process)", "0", f"{result['baseline_images_per_s']:.0f}", "", "1.00x")
+    table.add_row(
+        f"ours, {result['decode']} decode",
+        str(result["workers"]),
+        f"{result['images_per_s']:.0f}",
+        f"{result['images_per_s_per_worker']:.0f}",
+        f"{result['per_core_speedup']:.2f}x",
+    )
+    console.print(table)
+    _write_json(result, args.json)
     return 0
 
 
@@ -180,14 +237,18 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
             f"{row['images_per_s'] / result['baseline_images_per_s']:.2f}x",
         )
     console.print(table)
-    if args.json:
-        text = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    _write_json(result, args.json)
     return 0
+
+
+def _write_json(result: dict, target: str | None) -> None:
+    if not target:
+        return
+    text = json.dumps(result, indent=2)
+    if target == "-":
+        print(text)
+    else:
+        Path(target).write_text(text)
 
 
 def _parse_size(text: str) -> int:
@@ -250,11 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     write = shards_sub.add_parser(
         "write", help="image folder -> tar shards + index.json", description=cmd_shards_write.__doc__
     )
-    write.add_argument("source", help="folder with one sub-folder of images per class")
+    write.add_argument("source", help="folder with one sub-folder of images per class, or a .csv/.jsonl manifest")
     write.add_argument("out", help="output folder for the shards and index.json")
-    write.add_argument("--max-size", default="256MB", help="largest shard size (e.g. 256MB, 1GB)")
-    write.add_argument("--max-count", type=int, default=100_000, help="most samples per shard")
+    write.add_argument("--max-size", default="256MB", help="largest shard, by source file sizes (e.g. 256MB, 1GB)")
+    write.add_argument("--max-count", type=int, default=10_000, help="most samples per shard")
+    write.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel writer processes")
+    write.add_argument("--max-side", type=int, help="re-encode images larger than this (JPEG) to this longest side")
+    write.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     write.set_defaults(func=cmd_shards_write)
+    index = shards_sub.add_parser(
+        "index", help="index existing shards (any writer)", description=cmd_shards_index.__doc__
+    )
+    index.add_argument("shards", help="a folder of .tar files, a brace pattern, or pipe:/fsspec URLs")
+    index.add_argument("--out", help="index file to write (default: index.json beside the shards)")
+    index.add_argument("--classes", help="comma-separated class names, for labels given as names")
+    index.set_defaults(func=cmd_shards_index)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table; --json for machines)", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
@@ -276,6 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
     train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")
     train.set_defaults(func=cmd_bench_train)
+
+    data = bench_sub.add_parser(
+        "data", help="loader images/s vs a naive PIL loader", description=cmd_bench_data.__doc__
+    )
+    data.add_argument("--shards", help="a folder with index.json or a shard pattern (default: generated JPEGs)")
+    data.add_argument("--generate", type=int, default=4000, help="generated 500x375 JPEGs when --shards is not given")
+    data.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    data.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    data.add_argument("--batch", type=int, default=256)
+    data.add_argument("--batches", type=int, default=20, help="timed batches")
+    data.add_argument("--image-size", type=int, default=224)
+    data.add_argument("--randaugment", type=int, default=0, help="RandAugment magnitude (0: off)")
+    data.add_argument("--baseline-images", type=int, default=300, help="images the naive loader decodes")
+    data.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
+    data.set_defaults(func=cmd_bench_data)
 
     weights = sub.add_parser("weights", help="convert Mixer weights between layouts", description="Weight tools.")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="COMMAND")

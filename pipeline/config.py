@@ -61,6 +61,15 @@ class GenerateConfig:
 
 
 @dataclass
+class SourceConfig:
+    """Training shards from anywhere, with a sample-count index (see pipeline.data.sources)."""
+
+    url: str  # a folder or URL prefix holding index.json, or a shard list: brace pattern, `pipe:cmd`, s3://...
+    index: str | None = None  # the index, if not `<url>/index.json`; local shards without one are indexed at launch
+    weight: float = 1.0  # share of training samples drawn from this source when several are mixed
+
+
+@dataclass
 class DatasetConfig:
     """Shards written by `mixer shards write`: `path/<split>/index.json` lists them with sample counts."""
 
@@ -69,6 +78,8 @@ class DatasetConfig:
     train_split: str = "train"
     eval_split: str = "eval"
     generate: GenerateConfig | None = None
+    # Training sources, mixed by weight; empty means `path/train_split`.
+    sources: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -180,10 +191,17 @@ class DeepSpeedConfig:
 
 @dataclass
 class DataConfig:
-    """Streaming settings shared by every stage."""
+    """Streaming settings shared by every stage (pipeline.data.stream says what each mode guarantees)."""
 
-    num_workers: int = 2  # loader processes per rank
-    shuffle_buffer: int = 2000  # samples held for shuffling, per worker
+    # "split": each epoch, every rank and loader worker reads its own disjoint share of the shards (reshuffled per
+    # epoch); "resampled": shards drawn with replacement, independently per rank and worker.
+    mode: str = "split"
+    num_workers: int = 2  # loader processes per rank; the data an epoch holds does not depend on it
+    shuffle_buffer: int = 2000  # samples shuffled together (consecutive blocks of this many), per source and worker
+    decode: str = "cpu"  # "cpu": decode + augment in the loader workers; "gpu": nvJPEG + augmentation on the GPU
+    samples_per_epoch: int | None = None  # epoch length in samples; default: the training sources' total
+    max_bad_fraction: float = 0.01  # stop with an error when more of the samples read than this are unusable
+    open_retries: int = 3  # attempts to open a shard after the first, with exponential back-off, before skipping it
 
 
 @dataclass
@@ -370,6 +388,15 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
             raise ConfigError(f"{source}: 'datasets.{name}.num_classes' must be >= 1")
         if ds.generate is not None:
             _choice(ds.generate.kind, ("shapes", "novel-shapes"), f"datasets.{name}.generate.kind", source)
+        for i, src in enumerate(ds.sources):
+            if not src.weight > 0:
+                raise ConfigError(f"{source}: 'datasets.{name}.sources[{i}].weight' must be > 0")
+    _choice(cfg.data.mode, ("split", "resampled"), "data.mode", source)
+    _choice(cfg.data.decode, ("cpu", "gpu"), "data.decode", source)
+    if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 1 or cfg.data.open_retries < 0:
+        raise ConfigError(f"{source}: data.num_workers and data.open_retries must be >= 0, data.shuffle_buffer >= 1")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError(f"{source}: 'data.max_bad_fraction' must be between 0 and 1")
     if not cfg.stages:
         raise ConfigError(f"{source}: 'stages' is empty")
     seen: list[str] = []

@@ -28,6 +28,11 @@ class RunLayout:
     def parent_run_id(self) -> Path:
         return self.root / "parent_run_id"
 
+    @property
+    def data_index(self) -> Path:
+        """Indexes written at launch for shard lists that came without one."""
+        return self.root / "data-index"
+
     def stage(self, name: str) -> StageLayout:
         return StageLayout(self.root / "stages" / name)
 

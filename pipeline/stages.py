@@ -11,9 +11,19 @@ import time
 from pathlib import Path
 
 from pipeline import checkpoint, tracking
-from pipeline.config import ExperimentConfig, GenerateConfig, StageConfig, dump_config, flatten, to_dict
+from pipeline.config import (
+    ConfigError,
+    ExperimentConfig,
+    GenerateConfig,
+    StageConfig,
+    dump_config,
+    flatten,
+    to_dict,
+)
 from pipeline.data import synthetic
 from pipeline.data.shards import INDEX_NAME
+from pipeline.data.sources import DataError, prepare_sources
+from pipeline.data.stream import stream_plan
 from pipeline.layout import RunLayout
 
 # Exit status of a stage (and of `mixer run`) that saved a checkpoint and stopped on SIGTERM/SIGUSR1: run the same
@@ -51,7 +61,22 @@ def prepare(cfg: ExperimentConfig, generate_data: bool = True) -> RunLayout:
     for dataset in cfg.datasets.values() if generate_data else ():
         if dataset.generate is not None:
             ensure_generated(dataset.path, dataset.generate, dataset.train_split, dataset.eval_split)
+    if generate_data:
+        check_training_data(cfg, layout)
     return layout
+
+
+def check_training_data(cfg: ExperimentConfig, layout: RunLayout) -> None:
+    """Every training stage's sources have an index, and its plan can run (e.g. enough shards for split mode)."""
+    world = cfg.launch.nproc_per_node * cfg.launch.nnodes
+    for stage in cfg.stages:
+        if stage.kind == "eval":
+            continue
+        sources = prepare_sources(cfg.datasets[stage.dataset], layout.data_index)
+        try:
+            stream_plan(cfg, stage, 0, world, sources).check()
+        except DataError as err:
+            raise ConfigError(f"stage {stage.name}: {err}") from err
 
 
 def ensure_generated(path: str, gen: GenerateConfig, train_split: str, eval_split: str) -> None:

@@ -33,6 +33,9 @@ class NullTracker:
     def log_artifact(self, path: Path) -> None:
         pass
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
@@ -62,6 +65,9 @@ class MlflowTracker(NullTracker):
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():

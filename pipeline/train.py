@@ -10,20 +10,24 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from pipeline import checkpoint, dist, tracking
 from pipeline import engine as eng
-from pipeline.config import ExperimentConfig, FewShotConfig, StageConfig, flatten, to_dict
+from pipeline.config import ConfigError, ExperimentConfig, FewShotConfig, StageConfig, flatten, to_dict
+from pipeline.data.gpu import GpuAugment, gpu_prepare, pack
 from pipeline.data.shards import ShardIndex, read_index
-from pipeline.data.stream import eval_batches, train_batches
-from pipeline.data.transforms import batch_transform, eval_transform, train_transform
+from pipeline.data.sources import training_sources
+from pipeline.data.stream import TrainStream, cpu_prepare, eval_batches, seed_of, stream_plan
+from pipeline.data.transforms import batch_transform, eval_transform, normalize, train_transform
 from pipeline.fewshot import fewshot_accuracy
 from pipeline.flops import peak_flops, train_flops_per_image
 from pipeline.layout import RunLayout, StageLayout
@@ -73,10 +77,11 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         source = checkpoint.init_source(stage.init_from, RunLayout(Path(cfg.output_dir)))
         checkpoint.init_weights(model, source, new_head=stage.kind == "finetune")
     engine = eng.build_engine(model, stage, ds_config, cfg.deepspeed.compile)
-    start_step = 0
+    start_step, data_state = 0, None
     if has_own and stage.kind != "eval":
         state = checkpoint.resume(engine, layout)
         start_step = int(state["step"]) if state else 0
+        data_state = checkpoint.data_state(layout, env.rank)
 
     tracker = tracking.start_stage(cfg, stage.name, stage.kind, layout.run_id, parent_run_id, env.is_primary)
     if not tracker.resumed:
@@ -86,7 +91,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     started = time.time()
     try:
         runner = StageRunner(cfg, stage, env, engine, tracker, layout, spec)
-        metrics = runner.evaluate() if stage.kind == "eval" else runner.train(start_step)
+        metrics = runner.evaluate() if stage.kind == "eval" else runner.train(start_step, data_state)
         result = {
             "stage": stage.name,
             "kind": stage.kind,
@@ -97,7 +102,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
             "run_id": tracker.run_id,
         }
         if stage.kind != "eval":
-            tag = checkpoint.save(engine, layout, stage.steps, {"mlflow_run_id": tracker.run_id})
+            tag = runner.save(stage.steps)
             dist.barrier()
             result["checkpoint"] = str(layout.checkpoints / tag)
             if env.is_primary:
@@ -175,23 +180,66 @@ class StageRunner:
         self.image_size = spec.image_size
         self.preemption = Preemption()
         self.dtype = torch.bfloat16 if eng.uses_bf16(cfg.deepspeed, env.device) else torch.float32
+        self.stream: TrainStream | None = None
+        self.metrics: dict[str, float] = {}
+        self.bad_log: list[dict] = []
+        self.bad_logged_at, self.bad_unlogged = 0.0, False
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 batch -> standardised float32 on the device (mixup and the model's dtype come after)."""
         device = self.env.device
-        return images.to(device, self.dtype, non_blocking=True), labels.to(device, non_blocking=True)
+        return normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
-    def train(self, start_step: int) -> dict:
+    def save(self, step: int) -> str:
+        """Collective checkpoint of the engine and this rank's data position."""
+        state = self.stream.state() if self.stream is not None else None
+        client = {"mlflow_run_id": self.tracker.run_id}
+        return checkpoint.save(self.engine, self.layout, step, client, state, self.env.rank)
+
+    def _train_stream(self, data_state: dict | None) -> tuple[TrainStream, Callable | None]:
+        stage, env, data = self.stage, self.env, self.cfg.data
+        sources = training_sources(self.dataset, RunLayout(Path(self.cfg.output_dir)).data_index)
+        plan = stream_plan(self.cfg, stage, env.rank, env.world_size, sources)
+        if data.decode == "gpu":
+            if env.device.type != "cuda":
+                raise ConfigError("data.decode=gpu needs a CUDA device; use data.decode=cpu here")
+            prepare, collate = gpu_prepare(stage.augment), pack
+            finish = GpuAugment(stage.augment, self.image_size, env.device)
+        else:
+            prepare, finish = cpu_prepare(train_transform(stage.augment, self.image_size)), None
+            collate = default_collate  # stacks straight into shared memory inside a loader worker
+        stream = TrainStream(plan, prepare, collate=collate, state=data_state, max_bad_fraction=data.max_bad_fraction)
+        return stream, finish
+
+    def _report_bad_data(self, final: bool) -> dict:
+        """Bad samples of all ranks: counts as metrics; shard URL + key of each to `data/bad_samples.jsonl`
+        (rewritten at most once a minute)."""
+        stream = self.stream
+        events = list(stream.new_bad)
+        stream.new_bad.clear()
+        bad, read = dist.all_reduce_sum([stream.bad, stream.read], self.env.device)
+        gathered = [e for part in dist.all_gather_objects(events) for e in part]
+        self.bad_log.extend(gathered)
+        del self.bad_log[: max(0, len(self.bad_log) - 10_000)]
+        self.bad_unlogged |= bool(gathered)
+        if self.bad_unlogged and (final or time.time() - self.bad_logged_at > 60):
+            self.tracker.log_text("\n".join(json.dumps(e) for e in self.bad_log), "data/bad_samples.jsonl")
+            self.bad_logged_at, self.bad_unlogged = time.time(), False
+        return {"data/bad_samples": bad, "data/bad_fraction": bad / max(read, 1)}
+
+    def train(self, start_step: int, data_state: dict | None) -> dict:
+        self.stream, finish = self._train_stream(data_state)
+        try:
+            self._train_steps(start_step, finish)
+        finally:
+            # Loader workers ignore SIGTERM (see stream); they must be stopped here, or exit would wait on them.
+            self.stream.close()
+        return {**self.metrics, **self.evaluate(self.stage.steps)}
+
+    def _train_steps(self, start_step: int, finish: Callable | None) -> None:
         stage, env = self.stage, self.env
-        index = read_index(Path(self.dataset.path) / self.dataset.train_split)
-        batches = train_batches(
-            index,
-            batch_size=stage.micro_batch,
-            transform=train_transform(stage.augment, self.image_size),
-            num_workers=self.cfg.data.num_workers,
-            shuffle_buffer=self.cfg.data.shuffle_buffer,
-            # A resumed run draws a fresh sample sequence rather than replaying the first one.
-            seed=self.cfg.seed * 1_000_003 + start_step,
-        )
+        batches = self.stream
+        step_seed = seed_of(self.cfg.seed, zlib.crc32(stage.name.encode()), env.rank)
         mix = batch_transform(stage.augment, self.dataset.num_classes)
         flops_per_image = train_flops_per_image(self.spec, self.dataset.num_classes)
         peak, estimated = peak_flops(env.device, self.dtype)
@@ -218,12 +266,16 @@ class StageRunner:
         loss_sum = torch.zeros((), device=env.device)
         window_start, window_steps = time.time(), 0
         for step in range(start_step + 1, stage.steps + 1):
+            # Mixup, stochastic depth and dropout draw from a generator seeded per step: a resumed run replays them.
+            torch.manual_seed(seed_of(step_seed, step))
             for _ in range(accumulation):
                 images, labels = next(batches)
+                if finish is not None:
+                    images = finish(images)
+                images, labels = self._to_device(images, labels)
                 if mix is not None:
                     images, labels = mix(images, labels)  # labels: (B, classes) probabilities
-                images, labels = self._to_device(images, labels)
-                loss = F.cross_entropy(self.engine(images).float(), labels)
+                loss = F.cross_entropy(self.engine(images.to(self.dtype)).float(), labels)
                 self.engine.backward(loss)
                 self.engine.step()
                 loss_sum += loss.detach()
@@ -236,9 +288,11 @@ class StageRunner:
                     raise FloatingPointError(f"stage {stage.name}: loss is {mean_loss} at step {step}")
                 elapsed = time.time() - window_start
                 img_per_s = window_steps * images_per_step / elapsed
-                metrics = {
+                self.metrics = metrics = {
+                    **self._report_bad_data(final=step == stage.steps),
                     "train/loss": mean_loss,
                     "train/lr": self.engine.get_lr()[0],
+                    "train/epoch": self.stream.epoch + self.stream.position / self.stream.plan.batches_per_epoch,
                     "train/img_per_s": img_per_s,
                     "train/mfu": img_per_s * flops_per_image / (peak * env.world_size),
                 }
@@ -252,14 +306,13 @@ class StageRunner:
                 self.evaluate(step)
                 window_start = time.time()
             if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step != stage.steps:
-                checkpoint.save(self.engine, self.layout, step, {"mlflow_run_id": self.tracker.run_id})
+                self.save(step)
                 window_start = time.time()
             if self.preemption.agreed(env.device) and step != stage.steps:
-                checkpoint.save(self.engine, self.layout, step, {"mlflow_run_id": self.tracker.run_id})
+                self.save(step)
                 bar.close()
                 raise Preempted(stage.name, step)
         bar.close()
-        return {**metrics, **self.evaluate(stage.steps)}
 
     def _held_out(self, index: ShardIndex, crop: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every sample of `index` once over all ranks, preprocessed for evaluation; equal batches per rank."""
@@ -274,7 +327,8 @@ class StageRunner:
             num_workers=self.cfg.data.num_workers,
         )
         for images, labels in batches:
-            yield self._to_device(images, labels)
+            images, labels = self._to_device(images, labels)
+            yield images.to(self.dtype), labels
 
     @torch.no_grad()
     def evaluate(self, step: int = 0) -> dict:

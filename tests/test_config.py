@@ -63,6 +63,10 @@ def test_bool_is_not_an_int(tmp_path):
         (lambda d: d["model"].pop("hidden_dim"), "model.hidden_dim' is required"),
         (lambda d: d["deepspeed"].update(zero_stage=4), "zero_stage' is 4"),
         (lambda d: d["stages"].append(dict(d["stages"][0])), "two stages are named 'pretrain'"),
+        (lambda d: d["data"].update(mode="sharded"), "data.mode' is 'sharded'"),
+        (lambda d: d["data"].update(decode="npu"), "data.decode' is 'npu'"),
+        (lambda d: d["data"].update(max_bad_fraction=2), "max_bad_fraction' must be between 0 and 1"),
+        (lambda d: d["datasets"]["shapes"].update(sources=[{"url": "x", "weight": 0}]), r"sources\[0\].weight"),
     ],
 )
 def test_inconsistent_configs_are_refused(tmp_path, mutate, message):

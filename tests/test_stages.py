@@ -15,7 +15,7 @@ from pipeline.checkpoint import load_exported
 from pipeline.config import AugmentConfig
 from pipeline.data.shards import read_index
 from pipeline.data.stream import eval_batches
-from pipeline.data.transforms import eval_transform
+from pipeline.data.transforms import eval_transform, normalize
 from pipeline.stages import launch_command
 from tests.conftest import REPO, run_mixer
 
@@ -104,7 +104,7 @@ def test_exported_weights_reproduce_the_eval_stage_without_deepspeed(tiny_run):
             transform=eval_transform(AugmentConfig(), 32),
             num_workers=0,
         ):
-            correct += int((model(images).argmax(-1) == labels).sum())
+            correct += int((model(normalize(images)).argmax(-1) == labels).sum())
             seen += labels.numel()
     reported = json.loads((tmp / "out" / "stages" / "eval" / "result.json").read_text())
     assert seen == 130
@@ -162,3 +162,19 @@ def test_the_deepspeed_launcher_starts_the_same_stage(tiny_run, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     evaluation = json.loads((out / "stages" / "eval" / "result.json").read_text())
     assert evaluation["world_size"] == 2 and evaluation["eval/samples"] == 130
+
+
+def test_split_mode_with_too_few_shards_is_refused_before_launch(tmp_path):
+    # tiny's splits have 8 shards; 2 ranks x 8 workers would leave some workers without a shard
+    result = run_mixer(
+        "run",
+        str(TINY),
+        f"output_dir={tmp_path}/out",
+        f"datasets.shapes.path={tmp_path}/shapes",
+        f"datasets.novel.path={tmp_path}/novel",
+        "data.num_workers=8",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "8 shards, fewer than ranks x workers = 2 x 8" in result.stderr
+    assert not (tmp_path / "out" / "stages").exists()

@@ -159,10 +159,13 @@ def write_dataset(
     samples: int,
     size: int,
     seed: int,
-    max_count: int = 2000,
+    max_count: int | None = None,
     desc: str | None = None,
 ) -> ShardIndex:
-    """Render and write one split as shards, with the same writer users use for their folders."""
+    """Render and write one split as shards, with the same writer users use for their folders.
+
+    By default 8 shards, so that split mode can deal them to up to 8 ranks x workers."""
     samples_iter = generate(kind, samples, size, seed)
+    max_count = max_count or max(1, math.ceil(samples / 8))
     classes = list(SHAPE_SETS[kind])
     return write_shards(samples_iter, out_dir, classes=classes, max_count=max_count, total=samples, desc=desc)

@@ -1,4 +1,8 @@
-"""Decoding and augmentation with torchvision (io.decode_image + transforms v2), on uint8 tensors."""
+"""Decoding and augmentation with torchvision (io.decode_image + transforms v2).
+
+Loader workers stay in uint8 from decode to batch (a quarter of float32's bytes through the worker queues);
+`normalize` turns batches into model input on the training device.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,17 @@ def decode(data: bytes) -> torch.Tensor:
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def _to_float() -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> standardised `dtype` (floats pass through unchanged: mixed batches already are)."""
+    if images.dtype != torch.uint8:
+        return images.to(dtype)
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    return ((images.float() - mean) * inv_std).to(dtype)
 
 
 def train_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
-    """The paper's training augmentation: inception crop, flip, optional RandAugment(2, m)."""
+    """The paper's training augmentation: inception crop, flip, optional RandAugment(2, m); uint8 in and out."""
     steps: list[v2.Transform] = []
     if cfg.crop == "inception":
         steps.append(v2.RandomResizedCrop(image_size, scale=cfg.crop_scale, antialias=True))
@@ -33,7 +42,7 @@ def train_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
         steps.append(v2.RandomHorizontalFlip())
     if cfg.randaugment_magnitude > 0:
         steps.append(v2.RandAugment(num_ops=2, magnitude=cfg.randaugment_magnitude))
-    return v2.Compose(steps + _to_float())
+    return v2.Compose(steps)
 
 
 def batch_transform(cfg: AugmentConfig, num_classes: int) -> v2.Transform | None:
@@ -52,4 +61,4 @@ def eval_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
     """ "resize-crop": resize both sides, centre-crop; "resmall-crop": resize the short side, centre-crop."""
     side = round(image_size * cfg.eval_resize)
     resize = v2.Resize((side, side) if cfg.eval_crop == "resize-crop" else side, antialias=True)
-    return v2.Compose([resize, v2.CenterCrop(image_size), *_to_float()])
+    return v2.Compose([resize, v2.CenterCrop(image_size)])

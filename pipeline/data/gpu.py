@@ -1,0 +1,141 @@
+"""`data.decode: gpu`: JPEG bytes decoded in batches by nvJPEG and augmented on the GPU.
+
+Loader workers only read shards, parse each JPEG's header for its size and draw the augmentation parameters (crop
+box, flip) under the batch's seed, so replays stay exact. The training process decodes the batch with
+`torchvision.io.decode_jpeg(device="cuda")`, crops and resizes every image with antialiasing, flips, and applies
+RandAugment when configured. Images that are not JPEG are decoded by the worker and shipped as pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import decode_jpeg
+from torchvision.transforms import RandomResizedCrop, v2
+
+from pipeline.config import AugmentConfig
+from pipeline.data.stream import BadSample, image_and_label
+from pipeline.data.transforms import decode
+
+log = logging.getLogger(__name__)
+
+JPEG_MAGIC = b"\xff\xd8"
+
+# One image as a worker prepares it: encoded JPEG bytes (1-D uint8) or decoded pixels (3, H, W), then
+# (top, left, height, width, flip); `pack` makes a batch of them.
+GpuItem = tuple[torch.Tensor, tuple[int, int, int, int, bool]]
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the image header alone."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.height, im.width
+
+
+class GpuPrepare:
+    """Worker side: the bytes to decode and this image's crop box and flip."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, sample: dict, classes: tuple[str, ...]) -> tuple[GpuItem, int]:
+        cfg = self.cfg
+        data, label = image_and_label(sample, classes)
+        try:
+            if data[:2] == JPEG_MAGIC:
+                height, width = header_size(data)
+                payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            else:
+                payload = decode(data)
+                height, width = payload.shape[-2:]
+        except (OSError, RuntimeError, SyntaxError) as err:
+            raise BadSample(f"image does not decode: {err}") from err
+        if cfg.crop == "inception":
+            shape_only = torch.empty(1).expand(3, height, width)  # get_params reads the size, not the pixels
+            top, left, h, w = RandomResizedCrop.get_params(shape_only, list(cfg.crop_scale), [3 / 4, 4 / 3])
+        else:
+            top, left, h, w = 0, 0, height, width
+        flip = bool(cfg.flip and torch.rand(()) < 0.5)
+        return (payload, (top, left, h, w, flip)), label
+
+
+gpu_prepare = GpuPrepare
+
+
+def pack(items: list[GpuItem]) -> dict:
+    """A worker's batch as a few tensors (one shared-memory transfer each, not one per image): all JPEG bytes
+    concatenated with their offsets, the crop/flip parameters, and the rare non-JPEG images as pixels."""
+    jpeg = [(i, payload) for i, (payload, _) in enumerate(items) if payload.dim() == 1]
+    sizes = torch.tensor([0] + [p.numel() for _, p in jpeg], dtype=torch.int64)
+    return {
+        "bytes": torch.cat([p for _, p in jpeg]) if jpeg else torch.empty(0, dtype=torch.uint8),
+        "offsets": sizes.cumsum(0),
+        "jpeg_index": torch.tensor([i for i, _ in jpeg], dtype=torch.int64),
+        "params": torch.tensor([list(params[:4]) + [int(params[4])] for _, params in items], dtype=torch.int64),
+        "pixels": [(i, payload) for i, (payload, _) in enumerate(items) if payload.dim() == 3],
+    }
+
+
+class GpuAugment:
+    """Training-process side: a packed batch (`pack`) -> (B, 3, S, S) uint8 on the device.
+
+    RandAugment, when on, draws its two operations per group of `RANDAUGMENT_GROUP` images (one call per group;
+    per image it would cost a dozen kernel launches each); the CPU path draws them per image."""
+
+    RANDAUGMENT_GROUP = 16
+
+    def __init__(self, cfg: AugmentConfig, image_size: int, device: torch.device) -> None:
+        self.size, self.device = image_size, device
+        self.randaugment = v2.RandAugment(2, cfg.randaugment_magnitude) if cfg.randaugment_magnitude > 0 else None
+        self.failed = 0  # JPEGs nvJPEG refused; each was replaced by another image of its batch
+
+    def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        if not encoded:
+            return []
+        try:
+            return decode_jpeg(encoded, device=self.device)
+        except RuntimeError:
+            out: list[torch.Tensor | None] = []
+            for data in encoded:  # find the culprit(s); keep the rest
+                try:
+                    out.append(decode_jpeg(data, device=self.device))
+                except RuntimeError as err:
+                    log.warning("nvJPEG could not decode an image (%s); replaced by another of the batch", err)
+                    out.append(None)
+            return out
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        params = batch["params"].tolist()
+        n = len(params)
+        offsets = batch["offsets"].tolist()
+        encoded = [batch["bytes"][offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
+        images: list[torch.Tensor | None] = [None] * n
+        for i, image in zip(batch["jpeg_index"].tolist(), self._decode(encoded)):
+            images[i] = image
+        for i, pixels in batch["pixels"]:
+            images[i] = pixels.to(self.device, non_blocking=True)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if not good:
+            raise BadSample("no image of the batch decodes")
+        self.failed += n - len(good)
+        size, resized, flips = (self.size, self.size), [], []
+        for i in range(n):
+            source = i if images[i] is not None else good[i % len(good)]
+            top, left, h, w, flip = params[source]
+            crop = images[source][None, :, top : top + h, left : left + w].float()  # no uint8 AA resize on CUDA
+            resized.append(F.interpolate(crop, size=size, mode="bilinear", antialias=True))
+            if flip:
+                flips.append(i)
+        out = torch.cat(resized)  # one copy kernel for the batch
+        if flips:
+            index = torch.tensor(flips, device=self.device)
+            out[index] = out[index].flip(-1)
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+        if self.randaugment is not None:
+            for g in range(0, n, self.RANDAUGMENT_GROUP):
+                out[g : g + self.RANDAUGMENT_GROUP] = self.randaugment(out[g : g + self.RANDAUGMENT_GROUP])
+        return out

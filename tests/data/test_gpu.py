@@ -1,0 +1,62 @@
+"""The GPU decode path's logic, run on the CPU device (the same torchvision calls; CUDA adds nvJPEG)."""
+
+import io
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import AugmentConfig
+from pipeline.data.gpu import GpuAugment, GpuPrepare, pack
+from pipeline.data.shards import read_index
+from pipeline.data.stream import StreamPlan, TrainStream
+from pipeline.data.transforms import decode
+
+
+def test_packed_batch_is_cropped_flipped_and_bad_jpegs_replaced(shapes_shards):
+    index = read_index(shapes_shards)
+    samples = [dict(s) for s, _ in zip(wds.WebDataset(index.urls[:1], shardshuffle=False), range(12))]
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(png, "PNG")
+    samples[3] = {"__key__": "red", "png": png.getvalue(), "cls": b"1"}
+    samples[5]["jpg"] = samples[5]["jpg"][:-60]  # the header parses, the body does not decode
+    torch.manual_seed(0)
+    items = [GpuPrepare(AugmentConfig(crop="resize", flip=False))(s, ())[0] for s in samples]
+    batch = pack(items)
+    assert batch["bytes"].dim() == 1 and len(batch["offsets"]) == 12 and batch["jpeg_index"].tolist()[3] == 4
+    augment = GpuAugment(AugmentConfig(), 16, torch.device("cpu"))
+    out = augment(batch)
+    assert out.shape == (12, 3, 16, 16) and out.dtype == torch.uint8 and augment.failed == 1
+    assert (out[3, 0] > 150).all() and (out[3, 1] < 60).all()  # the PNG, decoded by the worker: red
+    expected = decode(samples[0]["jpg"]).float()[None]
+    expected = torch.nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", antialias=True)
+    assert (out[0].float() - expected[0].round()).abs().max() <= 1  # whole-image "resize" crop
+
+
+def test_gpu_prepared_stream_resumes_exactly(shapes_shards):
+    index = read_index(shapes_shards)
+    from pipeline.data.sources import Source
+
+    source = Source("s", tuple(index.urls), index.counts)
+    plan = StreamPlan((source,), "split", 0, 1, 1, 8, 3, 50, 300)
+    prepare = GpuPrepare(AugmentConfig(randaugment_magnitude=5))
+    augment = GpuAugment(AugmentConfig(randaugment_magnitude=5), 16, torch.device("cpu"))
+
+    def run(stream, n):
+        out = []
+        for step in range(n):
+            torch.manual_seed(step)  # the training loop seeds per step (RandAugment draws on this side)
+            out.append(augment(next(stream)[0]))
+        return out
+
+    with TrainStream(plan, prepare, collate=pack) as stream:
+        reference = run(stream, 10)
+    with TrainStream(plan, prepare, collate=pack) as stream:
+        head = run(stream, 4)
+        state = stream.state()
+    with TrainStream(plan, prepare, collate=pack, state=state) as stream:
+        tail = []
+        for step in range(4, 10):
+            torch.manual_seed(step)
+            tail.append(augment(next(stream)[0]))
+    assert [torch.equal(a, b) for a, b in zip(head + tail, reference)] == [True] * 10
