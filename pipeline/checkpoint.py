@@ -2,30 +2,72 @@
 
 Resume precedence, coded in this order in `train.run_stage`:
   1. the stage's own latest complete checkpoint (a rerun after a kill continues; a finished stage is not re-run),
-  2. the stage's `init_from`: an earlier stage's export or a weights file (`pipeline.weights`), weights only,
+  2. the stage's `resume_from`: another run's checkpoint, full state (weights, optimiser, schedule, step, data),
+  3. the stage's `init_from`: an earlier stage's export or a weights file (`pipeline.weights`), weights only,
      grown to the stage's resolution (paper App. C) when its image_size is K times its source's,
-  3. scratch.
+  4. scratch.
+A checkpoint is loaded only if its manifest's checksums hold and it was written by a compatible config
+(`check_compatible`): a different model shape, data set or ZeRO stage is refused, naming what differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
+from pipeline import dist, weights
 from pipeline import engine as eng
-from pipeline import weights
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.layout import RunLayout, StageLayout
 from pipeline.models.mixer import MixerSpec, MlpMixer, grow_resolution
+
+MANIFEST = "manifest.json"  # written last: a checkpoint without one is incomplete and never `latest`
+LATEST = "latest"
+META = "meta.json"  # step, fingerprint and settings as JSON: checked before DeepSpeed reads any tensor
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded: corrupt, incomplete, or written by an incompatible config."""
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _data_file(layout: StageLayout, tag: str, rank: int) -> Path:
-    return layout.checkpoints / tag / "data" / f"rank{rank:05d}.json"
+def _data_file(directory: Path, tag: str, rank: int) -> Path:
+    return directory / tag / "data" / f"rank{rank:05d}.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_tags(directory: Path) -> list[str]:
+    """Tags with a manifest, oldest first."""
+    return sorted(p.parent.name for p in directory.glob(f"*/{MANIFEST}"))
+
+
+def latest_tag(directory: Path) -> str | None:
+    path = directory / LATEST
+    return path.read_text().strip() if path.exists() else None
 
 
 def save(
@@ -34,36 +76,109 @@ def save(
     step: int,
     client_state: dict,
     data_state: dict | None = None,
+    *,
     rank: int = 0,
+    world_size: int = 1,
+    keep: int = 0,
 ) -> str:
-    """Collective sharded save of everything needed to continue; returns the checkpoint's tag.
+    """Collective, atomic save of everything needed to continue; returns the checkpoint's tag.
 
-    Each rank's data position goes to `<tag>/data/rank<r>.json`, written before DeepSpeed moves `latest`."""
-    tag = tag_for(step)
+    Every rank writes its shard and its data position (`<tag>/data/rank<r>.json`) and hashes a share of the
+    files; then rank 0 writes `<tag>/manifest.json` (every file's size and SHA-256) and only then moves `latest`
+    to the new tag, by rename. A kill at any moment leaves `latest` on a complete checkpoint. With `keep` > 0,
+    older complete checkpoints beyond the newest `keep` are deleted after that.
+    """
+    directory, tag = layout.checkpoints, tag_for(step)
     if data_state is not None:
-        path = _data_file(layout, tag, rank)
+        path = _data_file(directory, tag, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data_state))
-    eng.save_checkpoint(engine, layout.checkpoints, tag, {"step": step, **client_state})
+    if rank == 0:
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+        (directory / tag / META).write_text(json.dumps({"step": step, **client_state}))
+    eng.save_checkpoint(engine, directory, tag, {"step": step, **client_state})
+    dist.barrier()  # every rank's files are on disk
+    files = _files(directory / tag)
+    mine = {str(p.relative_to(directory / tag)): [p.stat().st_size, _sha256(p)] for p in files[rank::world_size]}
+    entries = {k: v for part in dist.all_gather_objects(mine) for k, v in part.items()}
+    if rank == 0:
+        manifest = {"tag": tag, "step": step, "world_size": world_size, "files": dict(sorted(entries.items()))}
+        _atomic_write(directory / tag / MANIFEST, json.dumps(manifest, indent=1))
+        _atomic_write(directory / LATEST, tag)
+        if keep > 0:
+            for old in complete_tags(directory)[:-keep]:
+                if old != tag:
+                    shutil.rmtree(directory / old, ignore_errors=True)
+    dist.barrier()
     return tag
 
 
-def resume(engine: eng.Engine, layout: StageLayout) -> dict | None:
-    """Collective: load the stage's latest checkpoint if there is one; returns its client state."""
-    if not (layout.checkpoints / "latest").exists():
-        return None
-    return eng.load_checkpoint(engine, layout.checkpoints)
+def verify(directory: Path, tag: str, rank: int = 0, world_size: int = 1) -> None:
+    """Collective: every file of the checkpoint has the size and SHA-256 its manifest lists (ranks share the
+    hashing); otherwise `CheckpointError` on every rank, naming the files."""
+    manifest_path = directory / tag / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{directory / tag} has no {MANIFEST}: it is incomplete (a save was interrupted)")
+    listed = sorted(json.loads(manifest_path.read_text())["files"].items())
+    problems = []
+    for name, (size, digest) in listed[rank::world_size]:
+        path = directory / tag / name
+        if not path.exists():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
+        elif _sha256(path) != digest:
+            problems.append(f"{name} does not match its SHA-256 in the manifest")
+    problems = [p for part in dist.all_gather_objects(problems) for p in part]
+    if problems:
+        raise CheckpointError(f"checkpoint {directory / tag} is corrupt, refusing to load it: " + "; ".join(problems))
 
 
-def data_state(layout: StageLayout, rank: int) -> dict | None:
-    """This rank's saved data position in the latest checkpoint; rank 0's when the job had fewer ranks (the
-    stream then remaps it by global sample count)."""
-    latest = layout.checkpoints / "latest"
-    if not latest.exists():
-        return None
-    tag = latest.read_text().strip()
+def resume_source(resume_from: str) -> tuple[Path, str]:
+    """`resume_from` -> (checkpoints folder, tag): a `step-N` folder, or a checkpoints folder (its latest)."""
+    path = Path(resume_from)
+    if (path / MANIFEST).exists():
+        return path.parent, path.name
+    tag = latest_tag(path)
+    if tag is None:
+        raise ConfigError(f"resume_from {resume_from}: neither a checkpoint (no {MANIFEST}) nor a folder of them")
+    return path, tag
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Refuse a checkpoint whose fingerprint (model shape, classes, data set, ZeRO stage) differs from this
+    config's, naming each difference."""
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"
+        for key in current
+        if saved.get(key) != current[key]
+    ]
+    if differences:
+        raise CheckpointError("the checkpoint was written by an incompatible config; " + "; ".join(differences))
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """Settings (flattened keys) that differ from the checkpoint's without making it unreadable."""
+    return sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
+
+
+def resume(
+    engine: eng.Engine, directory: Path, tag: str, fingerprint: dict, rank: int = 0, world_size: int = 1
+) -> dict:
+    """Collective: verify checkpoint `tag` under `directory`, check it against this config's fingerprint, then
+    load it; returns its client state."""
+    verify(directory, tag, rank, world_size)
+    meta = json.loads((directory / tag / META).read_text())
+    check_compatible(meta.get("fingerprint", {}), fingerprint)
+    eng.load_checkpoint(engine, directory, tag)
+    return meta
+
+
+def data_state(directory: Path, tag: str, rank: int) -> dict | None:
+    """This rank's saved data position in checkpoint `tag`; rank 0's when the job had fewer ranks (the stream
+    then remaps it by global sample count)."""
     for r in (rank, 0):
-        path = _data_file(layout, tag, r)
+        path = _data_file(directory, tag, r)
         if path.exists():
             return json.loads(path.read_text())
     return None

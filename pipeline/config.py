@@ -151,6 +151,11 @@ class StageConfig:
     eval_every: int = 0  # steps between evaluations; the stage always evaluates at its end
     eval_batch: int = 256  # images per rank per evaluation batch
     checkpoint_every: int = 0  # steps between sharded checkpoints; the stage always saves at its end
+    checkpoint_every_minutes: float = 0.0  # also save when this much time has passed since the last save; 0: off
+    checkpoint_keep: int = 3  # complete checkpoints kept (older ones deleted once a newer one is complete); 0: all
+    # A checkpoint to continue from when the stage has none of its own: another run's `stages/<s>/checkpoints`
+    # folder (its latest) or one `step-N` folder in it. Full state: weights, optimiser, schedule, step, data position.
+    resume_from: str | None = None
     log_every: int = 10  # steps between metric logs (losses are averaged over ranks then)
     zero_stage: int | None = None  # overrides `deepspeed.zero_stage` for this stage
     fewshot: FewShotConfig | None = None  # eval stages: linear few-shot evaluation on frozen features
@@ -421,6 +426,10 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         for key in ("micro_batch", "grad_accum", "global_batch", "image_size", "eval_batch", "log_every"):
             if getattr(stage, key) is not None and getattr(stage, key) < 1:
                 raise ConfigError(f"{source}: '{where}.{key}' must be >= 1")
+        if stage.checkpoint_keep < 0 or stage.checkpoint_every_minutes < 0:
+            raise ConfigError(f"{source}: '{where}.checkpoint_keep' and checkpoint_every_minutes must be >= 0")
+        if stage.resume_from is not None and stage.kind == "eval":
+            raise ConfigError(f"{source}: '{where}.resume_from' belongs to a training stage")
         if stage.grad_accum is not None and stage.global_batch is not None:
             raise ConfigError(f"{source}: '{where}': set grad_accum or global_batch, not both")
         try:

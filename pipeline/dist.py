@@ -79,12 +79,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    """The largest of one number over ranks (identity on one process)."""
-    tensor = torch.tensor([value], dtype=torch.float32, device=device)
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise largest over ranks, in one collective (identity on one process)."""
+    tensor = torch.tensor(values, dtype=torch.float32, device=device)
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return tensor.tolist()
 
 
 def all_gather_objects(obj: object) -> list:

@@ -137,13 +137,14 @@ def build_engine(model: nn.Module, stage: StageConfig, config: dict, compile_mod
 
 
 def save_checkpoint(engine: Engine, directory: Path, tag: str, client_state: dict) -> None:
-    """Collective: every rank writes its shard (`zero_pp_rank_<r>_*`); DeepSpeed then updates `latest`."""
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    """Collective: every rank writes its shard (`zero_pp_rank_<r>_*`). `latest` is left to `pipeline.checkpoint`,
+    which moves it only once the checkpoint is complete."""
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
 
-def load_checkpoint(engine: Engine, directory: Path) -> dict | None:
-    """Collective: restore model, optimiser and schedule from `directory/latest`; returns the client state."""
-    path, client_state = engine.load_checkpoint(str(directory))
+def load_checkpoint(engine: Engine, directory: Path, tag: str) -> dict | None:
+    """Collective: restore model, optimiser and schedule from `directory/tag`; returns the client state."""
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     return client_state if path is not None else None
 
 

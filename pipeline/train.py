@@ -48,6 +48,20 @@ def stage_params(cfg: ExperimentConfig, stage: StageConfig) -> dict:
     return flatten(data)
 
 
+def stage_fingerprint(cfg: ExperimentConfig, stage: StageConfig, spec: MixerSpec) -> dict:
+    """What a checkpoint must share with the config that loads it. The data set is known by its shards' counts,
+    not its location: copying shards to another disk is harmless."""
+    dataset = cfg.datasets[stage.dataset]
+    sources = training_sources(dataset, RunLayout(Path(cfg.output_dir)).data_index)
+    return {
+        "model": dataclasses.asdict(spec),
+        "gelu": cfg.model.gelu,
+        "num_classes": dataset.num_classes,
+        "dataset": [[len(s.urls), s.num_samples, s.weight] for s in sources],
+        "zero_stage": eng.zero_stage_of(stage, cfg.deepspeed),
+    }
+
+
 def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None) -> dict:
     """Run one stage in this process (one rank of the launcher's job); returns the stage's result."""
     # DeepSpeed's ZeRO calls a collective that torch has renamed; the notice means nothing to a user.
@@ -71,26 +85,38 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         layout.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
 
     # Resume precedence (see pipeline.checkpoint):
-    # 1. the stage's own latest checkpoint, 2. init_from (weights only), 3. scratch.
-    has_own = (layout.checkpoints / "latest").exists()
-    if not has_own and stage.init_from is not None:
+    # 1. the stage's own latest complete checkpoint, 2. resume_from (full state), 3. init_from (weights only),
+    # 4. scratch.
+    resume_at: tuple[Path, str] | None = None
+    if stage.kind != "eval":
+        own = checkpoint.latest_tag(layout.checkpoints)
+        if own is not None:
+            resume_at = (layout.checkpoints, own)
+        elif stage.resume_from is not None:
+            resume_at = checkpoint.resume_source(stage.resume_from)
+    if resume_at is None and stage.init_from is not None:
         source = checkpoint.init_source(stage.init_from, RunLayout(Path(cfg.output_dir)))
         checkpoint.init_weights(model, source, new_head=stage.kind == "finetune")
     engine = eng.build_engine(model, stage, ds_config, cfg.deepspeed.compile)
-    start_step, data_state = 0, None
-    if has_own and stage.kind != "eval":
-        state = checkpoint.resume(engine, layout)
-        start_step = int(state["step"]) if state else 0
-        data_state = checkpoint.data_state(layout, env.rank)
+    start_step, data_state, changes = 0, None, []
+    fingerprint = stage_fingerprint(cfg, stage, spec) if stage.kind != "eval" else {}
+    if resume_at is not None:
+        state = checkpoint.resume(engine, *resume_at, fingerprint, env.rank, env.world_size)
+        changes = checkpoint.changed_settings(state.get("settings", {}), stage_params(cfg, stage))
+        start_step = int(state["step"])
+        data_state = checkpoint.data_state(*resume_at, env.rank)
 
     tracker = tracking.start_stage(cfg, stage.name, stage.kind, layout.run_id, parent_run_id, env.is_primary)
+    if resume_at is not None:
+        # Harmless changes (more steps, another eval interval, ...) are allowed; the run records them.
+        tracker.set_tags({"resumed_from": str(resume_at[0] / resume_at[1]), "resume_changes": ", ".join(changes)})
     if not tracker.resumed:
         tracker.log_params(stage_params(cfg, stage))
         tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")
         tracker.log_artifact(layout.deepspeed_config)
     started = time.time()
     try:
-        runner = StageRunner(cfg, stage, env, engine, tracker, layout, spec)
+        runner = StageRunner(cfg, stage, env, engine, tracker, layout, spec, fingerprint)
         metrics = runner.evaluate() if stage.kind == "eval" else runner.train(start_step, data_state)
         result = {
             "stage": stage.name,
@@ -156,8 +182,10 @@ class Preemption:
     def _request(self, signum: int, frame: object) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        return dist.all_reduce_max(float(self.requested), device) > 0
+    def agreed(self, device: torch.device, save_due: bool = False) -> tuple[bool, bool]:
+        """(stop requested on any rank, a time-based save due on any rank), in one collective."""
+        stop, due = dist.all_reduce_max([float(self.requested), float(save_due)], device)
+        return stop > 0, due > 0
 
 
 class StageRunner:
@@ -172,9 +200,11 @@ class StageRunner:
         tracker: tracking.NullTracker,
         layout: StageLayout,
         spec: MixerSpec,
+        fingerprint: dict,
     ) -> None:
         self.cfg, self.stage, self.env, self.engine, self.tracker = cfg, stage, env, engine, tracker
-        self.layout = layout
+        self.layout, self.fingerprint = layout, fingerprint
+        self.last_save = time.time()
         self.dataset = cfg.datasets[stage.dataset]
         self.spec = spec
         self.image_size = spec.image_size
@@ -191,10 +221,28 @@ class StageRunner:
         return normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
     def save(self, step: int) -> str:
-        """Collective checkpoint of the engine and this rank's data position."""
+        """Collective checkpoint of the engine and this rank's data position; its duration is logged."""
+        started = time.time()
         state = self.stream.state() if self.stream is not None else None
-        client = {"mlflow_run_id": self.tracker.run_id}
-        return checkpoint.save(self.engine, self.layout, step, client, state, self.env.rank)
+        client = {
+            "mlflow_run_id": self.tracker.run_id,
+            "fingerprint": self.fingerprint,
+            "settings": stage_params(self.cfg, self.stage),
+        }
+        env = self.env
+        tag = checkpoint.save(
+            self.engine,
+            self.layout,
+            step,
+            client,
+            state,
+            rank=env.rank,
+            world_size=env.world_size,
+            keep=self.stage.checkpoint_keep,
+        )
+        self.last_save = time.time()
+        self.tracker.log_metrics({"checkpoint/save_s": self.last_save - started}, step)
+        return tag
 
     def _train_stream(self, data_state: dict | None) -> tuple[TrainStream, Callable | None]:
         stage, env, data = self.stage, self.env, self.cfg.data
@@ -305,11 +353,15 @@ class StageRunner:
             if stage.eval_every and step % stage.eval_every == 0 and step != stage.steps:
                 self.evaluate(step)
                 window_start = time.time()
-            if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step != stage.steps:
+            minutes = stage.checkpoint_every_minutes
+            late = minutes > 0 and time.time() - self.last_save > 60 * minutes
+            stop, late = self.preemption.agreed(env.device, late)  # ranks' clocks differ: agree on both
+            if step != stage.steps and (late or (stage.checkpoint_every and step % stage.checkpoint_every == 0)):
                 self.save(step)
                 window_start = time.time()
-            if self.preemption.agreed(env.device) and step != stage.steps:
-                self.save(step)
+            if stop and step != stage.steps:
+                if self.last_save < window_start:  # not saved at this step already
+                    self.save(step)
                 bar.close()
                 raise Preempted(stage.name, step)
         bar.close()

@@ -1,5 +1,6 @@
 """The integration test: the tiny experiment end to end through `mixer run` (torchrun, 2 ZeRO ranks, MLflow)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -178,3 +179,55 @@ def test_split_mode_with_too_few_shards_is_refused_before_launch(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "8 shards, fewer than ranks x workers = 2 x 8" in result.stderr
     assert not (tmp_path / "out" / "stages").exists()
+
+
+@pytest.fixture()
+def tiny_copy(tiny_run, tmp_path):
+    """A private copy of the tiny run (output, data, MLflow store) that a test may damage."""
+    src = tiny_run[0]
+    for name in ("out", "shapes", "novel", "mlflow.db"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, tmp_path / name)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["run", str(TINY), f"output_dir={tmp_path}/out", f"datasets.shapes.path={tmp_path}/shapes",
+            f"datasets.novel.path={tmp_path}/novel"]  # fmt: skip
+    return tmp_path, uri, args
+
+
+def test_checkpoints_have_a_manifest_and_latest_moves_only_when_complete(tiny_run, tiny_copy):
+    tmp, uri, args = tiny_copy
+    ckpts = tmp / "out" / "stages" / "pretrain" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000006"
+    manifest = json.loads((ckpts / "step-00000006" / "manifest.json").read_text())
+    shard = next(name for name in manifest["files"] if name.startswith("zero_pp_rank_1_"))
+    size, digest = manifest["files"][shard]
+    assert size == (ckpts / "step-00000006" / shard).stat().st_size
+    assert digest == hashlib.sha256((ckpts / "step-00000006" / shard).read_bytes()).hexdigest()
+    assert {"data/rank00000.json", "data/rank00001.json"} <= manifest["files"].keys()
+    # A save killed half-way: a newer folder without a manifest. Run pre-training on to step 9.
+    partial = ckpts / "step-00000009"
+    partial.mkdir()
+    (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half a file")
+    (tmp / "out" / "stages" / "pretrain" / "result.json").unlink()
+    result = run_mixer(*args, "stages.pretrain.steps=9", env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (ckpts / "latest").read_text() == "step-00000009" and (partial / "manifest.json").exists()
+    run = MlflowClient(uri).get_run((tmp / "out" / "stages" / "pretrain" / "run_id").read_text().strip())
+    assert run.data.tags["resumed_from"].endswith("step-00000006")  # the last complete one
+    assert "stage.steps" in run.data.tags["resume_changes"]
+    assert "checkpoint/save_s" in run.data.metrics
+
+
+def test_a_corrupt_or_incompatible_checkpoint_is_refused_with_what_differs(tiny_copy):
+    tmp, uri, args = tiny_copy
+    stage = tmp / "out" / "stages" / "pretrain"
+    (stage / "result.json").unlink()
+    result = run_mixer(*args, "stages.pretrain.optim.lr=0.5", "model.hidden_dim=48", env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode != 0
+    assert "incompatible config" in result.stderr and "hidden_dim" in result.stderr, result.stderr[-4000:]
+    shard = next((stage / "checkpoints" / "step-00000006").glob("zero_pp_rank_1_*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode != 0
+    assert "is corrupt, refusing to load it" in result.stderr and shard.name in result.stderr
