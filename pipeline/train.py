@@ -356,12 +356,11 @@ class StageRunner:
             minutes = stage.checkpoint_every_minutes
             late = minutes > 0 and time.time() - self.last_save > 60 * minutes
             stop, late = self.preemption.agreed(env.device, late)  # ranks' clocks differ: agree on both
-            if step != stage.steps and (late or (stage.checkpoint_every and step % stage.checkpoint_every == 0)):
+            scheduled = late or (stage.checkpoint_every and step % stage.checkpoint_every == 0)
+            if step != stage.steps and (scheduled or stop):  # a stop saves too, once
                 self.save(step)
                 window_start = time.time()
             if stop and step != stage.steps:
-                if self.last_save < window_start:  # not saved at this step already
-                    self.save(step)
                 bar.close()
                 raise Preempted(stage.name, step)
         bar.close()
