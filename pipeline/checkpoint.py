@@ -8,6 +8,8 @@ Resume precedence, coded in this order in `train.run_stage`:
   4. scratch.
 A checkpoint is loaded only if its manifest's checksums hold and it was written by a compatible config
 (`check_compatible`): a different model shape, data set or ZeRO stage is refused, naming what differs.
+A checkpoint written by another number of ranks is converted once into DeepSpeed's universal format
+(`<tag>/universal/`) and loaded from there; the data position is remapped by the stream.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipeline.models.mixer import MixerSpec, MlpMixer, grow_resolution
 
 MANIFEST = "manifest.json"  # written last: a checkpoint without one is incomplete and never `latest`
 LATEST = "latest"
+UNIVERSAL = "universal"  # inside a tag: its universal conversion, for another number of ranks
 META = "meta.json"  # step, fingerprint and settings as JSON: checked before DeepSpeed reads any tensor
 
 
@@ -162,15 +165,63 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
 
 
+def saved_world_size(directory: Path, tag: str) -> int:
+    """How many ranks wrote checkpoint `tag` (from its manifest; an incomplete one is refused)."""
+    manifest = directory / tag / MANIFEST
+    if not manifest.exists():
+        raise CheckpointError(f"{directory / tag} has no {MANIFEST}: it is incomplete (a save was interrupted)")
+    return int(json.loads(manifest.read_text())["world_size"])
+
+
+def check_reshardable(saved_ranks: int, world_size: int, optimizer: str, zero_stage: int) -> None:
+    """Refuse a world-size change that DeepSpeed's universal conversion cannot carry exactly (`eng.to_universal`)."""
+    if saved_ranks == world_size:
+        return
+    change = f"the checkpoint was written by {saved_ranks} ranks, this job has {world_size}"
+    if optimizer != "adamw":
+        raise CheckpointError(
+            f"{change}, and DeepSpeed's universal checkpoint conversion carries only Adam's optimiser state, not "
+            f"{optimizer}'s: resume this stage on {saved_ranks} ranks"
+        )
+    if zero_stage == 3:
+        raise CheckpointError(
+            f"{change}, and DeepSpeed's universal conversion of ZeRO-3 checkpoints does not restore the Adam "
+            f"moments exactly: resume this stage on {saved_ranks} ranks"
+        )
+
+
+def universal(directory: Path, tag: str, rank: int = 0) -> Path:
+    """Collective: checkpoint `tag`'s universal conversion, made once by rank 0 (atomically: converted under a
+    temporary name, then renamed) and reused by later resumes."""
+    target = directory / tag / UNIVERSAL
+    if rank == 0 and not target.exists():
+        tmp = target.with_name(UNIVERSAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        eng.to_universal(directory / tag, tmp)
+        os.replace(tmp, target)
+    dist.barrier()
+    return target
+
+
 def resume(
-    engine: eng.Engine, directory: Path, tag: str, fingerprint: dict, rank: int = 0, world_size: int = 1
+    engine: eng.Engine,
+    directory: Path,
+    tag: str,
+    fingerprint: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    reshard: bool = False,
 ) -> dict:
     """Collective: verify checkpoint `tag` under `directory`, check it against this config's fingerprint, then
-    load it; returns its client state."""
+    load it (from its universal conversion when `reshard`: another number of ranks wrote it, and the engine was
+    built with `load_universal`); returns its client state."""
     verify(directory, tag, rank, world_size)
     meta = json.loads((directory / tag / META).read_text())
     check_compatible(meta.get("fingerprint", {}), fingerprint)
-    eng.load_checkpoint(engine, directory, tag)
+    if reshard:
+        eng.load_checkpoint(engine, directory / tag, universal(directory, tag, rank).name)
+    else:
+        eng.load_checkpoint(engine, directory, tag)
     return meta
 
 
@@ -191,9 +242,25 @@ def export(
     if zero_stage >= 1:
         state = eng.consolidated_state_dict(layout.checkpoints, tag)
     else:  # without ZeRO every rank holds the whole model
-        state = engine.module.state_dict()
+        state = {k: v.float() for k, v in engine.module.state_dict().items()}
     weights.write_export(weights.Weights(state, spec, num_classes, gelu), layout.weights)
     return layout.weights
+
+
+def export_checkpoint(source: str | Path, out: str | Path) -> weights.Weights:
+    """`mixer export`: a stage folder, a checkpoints folder (its latest) or one `step-N` checkpoint -> consolidated
+    fp32 safetensors + model.json at `out`, in one process with no launcher. The manifest is verified first."""
+    source = Path(source)
+    if (source / "checkpoints").is_dir():
+        source = source / "checkpoints"
+    directory, tag = resume_source(str(source))
+    verify(directory, tag)
+    fingerprint = json.loads((directory / tag / META).read_text())["fingerprint"]
+    state = eng.consolidated_state_dict(directory, tag, fingerprint["zero_stage"])
+    spec = MixerSpec(**fingerprint["model"])
+    exported = weights.Weights(state, spec, fingerprint["num_classes"], fingerprint["gelu"])
+    weights.write_export(exported, Path(out))
+    return exported
 
 
 def load_exported(path: str | Path) -> MlpMixer:

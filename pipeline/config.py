@@ -53,7 +53,7 @@ class ModelConfig:
 class GenerateConfig:
     """A procedural data set that the project writes as shards when `path` holds none yet (no downloads)."""
 
-    kind: str  # "shapes" or "novel-shapes" (pipeline.data.synthetic)
+    kind: str  # "shapes", "novel-shapes" or "photos" (500x375, 1,000 classes; image_size unused), data.synthetic
     image_size: int = 32
     train_samples: int = 8000
     eval_samples: int = 1000
@@ -216,6 +216,9 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None
     experiment: str | None = None  # MLflow experiment name; defaults to the config's `name`
+    # Each training stage's exported weights (model.safetensors + model.json) as the run's `model` artifact, and a
+    # version of the registered model named like the experiment where the store has a registry; false: model.json only
+    log_model: bool = True
 
 
 @dataclass
@@ -392,7 +395,7 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         if ds.num_classes < 1:
             raise ConfigError(f"{source}: 'datasets.{name}.num_classes' must be >= 1")
         if ds.generate is not None:
-            _choice(ds.generate.kind, ("shapes", "novel-shapes"), f"datasets.{name}.generate.kind", source)
+            _choice(ds.generate.kind, ("shapes", "novel-shapes", "photos"), f"datasets.{name}.generate.kind", source)
         for i, src in enumerate(ds.sources):
             if not src.weight > 0:
                 raise ConfigError(f"{source}: 'datasets.{name}.sources[{i}].weight' must be > 0")

@@ -6,6 +6,8 @@ import contextlib
 import io
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,12 @@ def uses_bf16(ds: DeepSpeedConfig, device: torch.device) -> bool:
     return ds.precision == "bf16" or (ds.precision == "auto" and device.type == "cuda")
 
 
-def build_config(stage: StageConfig, ds: DeepSpeedConfig, world_size: int, device: torch.device) -> dict:
-    """The DeepSpeed JSON for one stage; written next to the stage's checkpoints and logged to MLflow."""
+def build_config(
+    stage: StageConfig, ds: DeepSpeedConfig, world_size: int, device: torch.device, load_universal: bool = False
+) -> dict:
+    """The DeepSpeed JSON for one stage; written next to the stage's checkpoints and logged to MLflow.
+    `load_universal`: the engine will resume from a universal checkpoint (`to_universal`), written by another
+    number of ranks."""
     zero = zero_stage_of(stage, ds)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": stage.micro_batch,
@@ -63,6 +69,8 @@ def build_config(stage: StageConfig, ds: DeepSpeedConfig, world_size: int, devic
         },
         "steps_per_print": 2**62,  # the loop reports progress itself
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if stage.kind == "eval":
         # No optimiser: only ZeRO-3's parameter partitioning means anything for a forward pass.
         config["zero_optimization"] = {"stage": 3 if zero == 3 else 0}
@@ -145,10 +153,56 @@ def save_checkpoint(engine: Engine, directory: Path, tag: str, client_state: dic
 def load_checkpoint(engine: Engine, directory: Path, tag: str) -> dict | None:
     """Collective: restore model, optimiser and schedule from `directory/tag`; returns the client state."""
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if engine.load_universal_checkpoint():
+        _steps_beside_params(engine.optimizer)
     return client_state if path is not None else None
 
 
-def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from the per-rank shards of one checkpoint (works for every ZeRO stage >= 1)."""
+def _steps_beside_params(optimizer: Any) -> None:
+    """DeepSpeed's universal loader restores Adam's `step` as a CPU tensor, while torch's fused AdamW wants it on
+    its parameter's device (torch's own load_state_dict moves it there); do what that would have done."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimiser inside DeepSpeed's ZeRO wrapper
+    for group in inner.param_groups:
+        for param in group["params"]:
+            step = inner.state.get(param, {}).get("step")
+            if torch.is_tensor(step) and step.device != param.device and group.get("fused"):
+                inner.state[param]["step"] = step.to(param.device, torch.float32)
+
+
+def to_universal(checkpoint_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's universal checkpoint of one sharded checkpoint: every parameter and its optimiser state whole,
+    so that any number of ranks can load it (`build_config(load_universal=True)`). Call on one process only.
+
+    The converter runs in a fresh process: it forks worker pools, which must not inherit a rank's CUDA context
+    and NCCL threads. DeepSpeed 0.19.8's converter knows Adam's state only (`exp_avg`, `exp_avg_sq`): a
+    momentum-SGD checkpoint cannot be converted, and a ZeRO-3 one comes back with its Adam moments changed;
+    `pipeline.checkpoint` refuses both before calling this."""
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint_dir),
+        "--output_folder",
+        str(out_dir),
+        "--num_extract_workers",
+        str(workers),
+        "--num_merge_workers",
+        str(max(1, workers // 2)),
+        "--inject_missing_state",  # our checkpoints carry no Megatron-style universal info; none is needed
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"DeepSpeed's universal conversion of {checkpoint_dir} failed:\n{proc.stderr[-3000:]}")
+
+
+def consolidated_state_dict(directory: Path, tag: str, zero_stage: int = 1) -> dict[str, torch.Tensor]:
+    """fp32 weights of one checkpoint: gathered from the per-rank shards (ZeRO >= 1), or the one model file that
+    plain data parallelism writes (ZeRO-0). Only for checkpoints whose manifest was verified: DeepSpeed's files
+    are pickles."""
+    if zero_stage == 0:
+        state = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in state["module"].items()}
     with _quiet():
         return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)

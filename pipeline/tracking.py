@@ -16,6 +16,7 @@ from pipeline.config import ExperimentConfig, TrackingConfig
 
 DEFAULT_STORE = Path("runs") / "mlflow.db"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+MODEL_ARTIFACT = "model"  # a training stage's exported weights and model.json, under the run's artifacts
 
 
 class NullTracker:
@@ -37,6 +38,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_model(self, files: list[Path], registered_name: str | None, tags: dict[str, str]) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -72,6 +76,27 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
+
+    def log_model(self, files: list[Path], registered_name: str | None, tags: dict[str, str]) -> None:
+        """`files` as the run's `model` artifact; with `registered_name`, also a new version of that registered
+        model (created if missing). A store without a registry gets a `model_registry` tag saying why instead."""
+        from mlflow.exceptions import MlflowException
+
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path), MODEL_ARTIFACT)
+        if registered_name is None:
+            return
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+        try:
+            try:
+                self.client.get_registered_model(registered_name)
+            except MlflowException:
+                self.client.create_registered_model(registered_name)
+            version = self.client.create_model_version(registered_name, source, run_id=self.run_id, tags=tags)
+        except MlflowException as err:
+            self.set_tags({"model_registry": f"unavailable: {err.message[:200]}"})
+            return
+        self.set_tags({"model_version": f"{registered_name}/{version.version}"})
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

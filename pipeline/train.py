@@ -80,9 +80,6 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         spec, dataset.num_classes, stoch_depth=stage.stoch_depth, dropout=stage.dropout, gelu=cfg.model.gelu
     )
     seed_everything(cfg.seed + 1000 * (env.rank + 1))
-    ds_config = eng.build_config(stage, cfg.deepspeed, env.world_size, env.device)
-    if env.is_primary:
-        layout.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
 
     # Resume precedence (see pipeline.checkpoint):
     # 1. the stage's own latest complete checkpoint, 2. resume_from (full state), 3. init_from (weights only),
@@ -97,11 +94,21 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     if resume_at is None and stage.init_from is not None:
         source = checkpoint.init_source(stage.init_from, RunLayout(Path(cfg.output_dir)))
         checkpoint.init_weights(model, source, new_head=stage.kind == "finetune")
+    # Another number of ranks than the checkpoint's: load its universal conversion (refused where inexact).
+    reshard = False
+    if resume_at is not None:
+        saved_ranks = checkpoint.saved_world_size(*resume_at)
+        zero = eng.zero_stage_of(stage, cfg.deepspeed)
+        checkpoint.check_reshardable(saved_ranks, env.world_size, stage.optim.name, zero)
+        reshard = saved_ranks != env.world_size
+    ds_config = eng.build_config(stage, cfg.deepspeed, env.world_size, env.device, load_universal=reshard)
+    if env.is_primary:
+        layout.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
     engine = eng.build_engine(model, stage, ds_config, cfg.deepspeed.compile)
     start_step, data_state, changes = 0, None, []
     fingerprint = stage_fingerprint(cfg, stage, spec) if stage.kind != "eval" else {}
     if resume_at is not None:
-        state = checkpoint.resume(engine, *resume_at, fingerprint, env.rank, env.world_size)
+        state = checkpoint.resume(engine, *resume_at, fingerprint, env.rank, env.world_size, reshard)
         changes = checkpoint.changed_settings(state.get("settings", {}), stage_params(cfg, stage))
         start_step = int(state["step"])
         data_state = checkpoint.data_state(*resume_at, env.rank)
@@ -109,7 +116,10 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     tracker = tracking.start_stage(cfg, stage.name, stage.kind, layout.run_id, parent_run_id, env.is_primary)
     if resume_at is not None:
         # Harmless changes (more steps, another eval interval, ...) are allowed; the run records them.
-        tracker.set_tags({"resumed_from": str(resume_at[0] / resume_at[1]), "resume_changes": ", ".join(changes)})
+        tags = {"resumed_from": str(resume_at[0] / resume_at[1]), "resume_changes": ", ".join(changes)}
+        if reshard:
+            tags["resumed_world_size"] = f"{saved_ranks} -> {env.world_size} ranks (universal checkpoint)"
+        tracker.set_tags(tags)
     if not tracker.resumed:
         tracker.log_params(stage_params(cfg, stage))
         tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")
@@ -135,7 +145,11 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
                 zero = eng.zero_stage_of(stage, cfg.deepspeed)
                 weights = checkpoint.export(engine, layout, tag, spec, dataset.num_classes, zero, cfg.model.gelu)
                 result["weights"] = str(weights)
-                tracker.log_artifact(layout.model_config)
+                if cfg.tracking.log_model:
+                    registered = cfg.tracking.experiment or cfg.name
+                    tracker.log_model([weights, layout.model_config], registered, {"stage": stage.name})
+                else:
+                    tracker.log_artifact(layout.model_config)
         if env.is_primary:
             layout.write_result(result)
         dist.barrier()
@@ -336,7 +350,13 @@ class StageRunner:
                     raise FloatingPointError(f"stage {stage.name}: loss is {mean_loss} at step {step}")
                 elapsed = time.time() - window_start
                 img_per_s = window_steps * images_per_step / elapsed
+                if env.device.type == "cuda":  # the fullest card decides what fits
+                    gib = dist.all_reduce_max([torch.cuda.max_memory_allocated(env.device) / 2**30], env.device)
+                    metrics_extra = {"train/peak_mem_gib": gib[0]}
+                else:
+                    metrics_extra = {}
                 self.metrics = metrics = {
+                    **metrics_extra,
                     **self._report_bad_data(final=step == stage.steps),
                     "train/loss": mean_loss,
                     "train/lr": self.engine.get_lr()[0],

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline import weights
-from pipeline.checkpoint import init_weights, stage_specs
+from pipeline.checkpoint import CheckpointError, check_reshardable, init_weights, stage_specs
 from pipeline.config import ConfigError, load_config
 from pipeline.models.mixer import MixerSpec, MlpMixer
 from tests.conftest import REPO
@@ -53,3 +53,14 @@ def test_a_stage_reads_no_later_stage_source():
     assert list(stage_specs(cfg, upto="finetune")) == ["pretrain", "finetune"]
     with pytest.raises(FileNotFoundError):
         stage_specs(cfg)
+
+
+def test_a_world_size_change_is_refused_where_the_universal_conversion_is_not_exact():
+    check_reshardable(2, 2, "sgd", 3)  # same number of ranks: DeepSpeed loads its own shards
+    check_reshardable(2, 3, "adamw", 2)
+    with pytest.raises(
+        CheckpointError, match="written by 2 ranks, this job has 1.*only Adam's .* resume this stage on 2"
+    ):
+        check_reshardable(2, 1, "sgd", 2)
+    with pytest.raises(CheckpointError, match="ZeRO-3 .* resume this stage on 4 ranks"):
+        check_reshardable(4, 2, "adamw", 3)

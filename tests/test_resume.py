@@ -1,5 +1,6 @@
 """SIGKILL in the middle of a stage, then the same command again: the final weights are bit-identical to an
-uninterrupted run's, and so is every loss logged after the resume point (data position and randomness replay)."""
+uninterrupted run's, and so is every loss logged after the resume point (data position and randomness replay).
+A checkpoint written by 2 ranks resumes on 1 and on 3."""
 
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from pipeline.engine import consolidated_state_dict
 from tests.conftest import REPO, run_mixer
 
 pytestmark = pytest.mark.slow
@@ -64,3 +66,45 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert sorted(straight_losses) == list(range(1, 25))
     after = [s for s in straight_losses if s > 12]
     assert [killed_losses[s] for s in after] == [straight_losses[s] for s in after]
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_and_on_three_ranks(tmp_path):
+    """World-size change: the 2-rank checkpoint is converted to DeepSpeed's universal format and loaded whole (the
+    weights exactly), then training continues on the new number of ranks with the same global batch."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    batch = ["stages.pretrain.grad_accum=null", "stages.pretrain.global_batch=96"]  # 16 x {1,2,3} ranks x {6,3,2}
+    straight = run_mixer(*_args(tmp_path, "straight"), *batch, env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoints = tmp_path / "straight" / "stages" / "pretrain" / "checkpoints"
+    source = checkpoints / "step-00000016"
+
+    # 3 ranks, no step left to take: the stage loads step 16 and exports it, so the weights must be the checkpoint's.
+    three = run_mixer(
+        *_args(tmp_path, "three"),
+        *batch,
+        "launch.nproc_per_node=3",
+        "stages.pretrain.steps=16",
+        f"stages.pretrain.resume_from={source}",
+        env=env,
+    )
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert (source / "universal" / "zero").is_dir()
+    saved = consolidated_state_dict(checkpoints, "step-00000016")
+    loaded = load_file(tmp_path / "three" / "stages" / "pretrain" / "model.safetensors")
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+    # 1 rank: continues from step 17 to the end of the schedule, in the same global batches of 96.
+    one = run_mixer(
+        *_args(tmp_path, "one"), *batch, "launch.nproc_per_node=1", f"stages.pretrain.resume_from={source}", env=env
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    stage = tmp_path / "one" / "stages" / "pretrain"
+    run = MlflowClient(uri).get_run((stage / "run_id").read_text().strip())
+    assert run.data.tags["resumed_world_size"].startswith("2 -> 1 ranks")
+    assert sorted(_losses(uri, stage)) == list(range(17, 25))
+    straight_run = (tmp_path / "straight" / "stages" / "pretrain" / "run_id").read_text().strip()
+    # The schedule continued at step 17: the last learning rate is the uninterrupted run's, not 8 steps into warm-up.
+    assert run.data.metrics["train/lr"] == MlflowClient(uri).get_run(straight_run).data.metrics["train/lr"]
+    final = load_file(stage / "model.safetensors")
+    assert any(not torch.equal(final[k], saved[k]) for k in saved)

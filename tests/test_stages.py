@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_exported
 from pipeline.config import AugmentConfig
@@ -81,7 +82,15 @@ def test_mlflow_holds_one_parent_and_a_finished_child_per_stage(tiny_run):
     for key in ("train/lr", "train/img_per_s", "train/mfu", "eval/top5"):
         assert client.get_metric_history(pretrain.info.run_id, key)
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
-    assert {"config.yaml", "deepspeed.json", "model.json"} <= artifacts
+    assert {"config.yaml", "deepspeed.json", "model"} <= artifacts
+    model_files = {a.path for a in client.list_artifacts(pretrain.info.run_id, "model")}
+    assert model_files == {"model/model.safetensors", "model/model.json"}
+    # Each training stage is a version of the registered model named like the experiment.
+    versions = {v.run_id: v for v in client.search_model_versions("name='tiny'")}
+    finetune = next(r for r in children if r.data.tags["stage"] == "finetune")
+    assert versions.keys() == {pretrain.info.run_id, finetune.info.run_id}
+    assert versions[finetune.info.run_id].tags["stage"] == "finetune"
+    assert finetune.data.tags["model_version"] == f"tiny/{versions[finetune.info.run_id].version}"
     assert parents[0].data.params["stages.finetune.optim.name"] == "sgd"
     evaluation = next(r for r in children if r.data.tags["stage"] == "eval")
     for k in (1, 5):
@@ -110,6 +119,19 @@ def test_exported_weights_reproduce_the_eval_stage_without_deepspeed(tiny_run):
     reported = json.loads((tmp / "out" / "stages" / "eval" / "result.json").read_text())
     assert seen == 130
     assert correct / seen == pytest.approx(reported["eval/top1"], abs=1e-9)
+
+
+def test_mixer_export_consolidates_a_checkpoint_without_a_launcher(tiny_run, tmp_path):
+    stage = tiny_run[0] / "out" / "stages" / "pretrain"
+    result = run_mixer("export", str(stage), str(tmp_path / "latest.safetensors"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported, final = load_file(tmp_path / "latest.safetensors"), load_file(stage / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert json.loads((tmp_path / "model.json").read_text()) == json.loads((stage / "model.json").read_text())
+    earlier = run_mixer("export", str(stage / "checkpoints" / "step-00000003"), str(tmp_path / "three.safetensors"))
+    assert earlier.returncode == 0, earlier.stderr[-3000:]
+    model = load_exported(tmp_path / "three.safetensors")
+    assert not torch.equal(model.state_dict()["head.weight"], final["head.weight"])
 
 
 def test_rerun_skips_finished_stages_and_keeps_one_parent(tiny_run):
