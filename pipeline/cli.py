@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -214,6 +215,22 @@ def cmd_weights_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A sharded checkpoint -> consolidated fp32 weights (safetensors) + model.json, loadable with no DeepSpeed."""
+    from pipeline import checkpoint
+
+    try:
+        exported = checkpoint.export_checkpoint(args.source, args.out)
+    except checkpoint.CheckpointError as err:
+        print(f"mixer: error: {err}", file=sys.stderr)
+        return 2
+    console.print(
+        f"{args.source} -> {args.out}: {exported.spec}, {exported.num_classes} classes, GELU {exported.gelu}; "
+        f"load it with pipeline.checkpoint.load_exported"
+    )
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     """Training throughput and MFU of the project's step vs timm's MlpMixer + torch.compile, in one process."""
     from pipeline import bench
@@ -238,6 +255,55 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         )
     console.print(table)
     _write_json(result, args.json)
+    return 0
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    """Weak scaling of a real experiment: `mixer run CONFIG` on each number of ranks and ZeRO stage, one node."""
+    from pipeline.scaling import run_scale_bench
+
+    workdir = Path(args.workdir).resolve()
+    result = run_scale_bench(args.config, args.overrides, args.ranks, args.zero, workdir)
+    table = Table(
+        title=f"{args.config}, stage {result['stage']}, micro-batch {result['micro_batch']}, {result['device']}"
+    )
+    for column in ("ZeRO", "ranks", "img/s", "img/s per rank", "MFU", "scaling eff.", "peak GiB/rank", "wall s"):
+        table.add_column(column, justify="right")
+    for r in result["rows"]:
+        table.add_row(
+            str(r["zero_stage"]),
+            str(r["ranks"]),
+            f"{r['images_per_s']:.0f}",
+            f"{r['images_per_s_per_rank']:.0f}",
+            f"{r['mfu']:.1%}",
+            "-" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.1%}",
+            "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}",
+            f"{r['wall_s']:.0f}",
+        )
+    console.print(table)
+    _write_json(result, args.json)
+    return 0
+
+
+def cmd_bench_allreduce(args: argparse.Namespace) -> int:
+    """All-reduce bus bandwidth through torch.distributed (NCCL on GPUs), the reference for communication cost."""
+    from pipeline import dist
+    from pipeline.scaling import run_allreduce_bench
+
+    if dist.read_env("cpu").world_size == 1 and args.ranks > 1:  # not inside a launcher yet: start one
+        forwarded = [a for a in sys.argv[1:] if a != "--local_rank"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks)]
+        return subprocess.run([*cmd, "-m", "pipeline", *forwarded]).returncode
+    rows = run_allreduce_bench(args.sizes, args.iters)
+    if rows is None:  # not the primary rank
+        return 0
+    table = Table(title=f"all-reduce over {rows[0]['ranks']} ranks")
+    for column in ("MiB", "ms", "algbw GB/s", "busbw GB/s"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(f"{r['size_mib']:g}", f"{r['time_ms']:.3f}", f"{r['algbw_gb_s']:.1f}", f"{r['busbw_gb_s']:.1f}")
+    console.print(table)
+    _write_json({"rows": rows}, args.json)
     return 0
 
 
@@ -327,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--classes", help="comma-separated class names, for labels given as names")
     index.set_defaults(func=cmd_shards_index)
 
+    export = sub.add_parser(
+        "export", help="sharded checkpoint -> consolidated safetensors", description=cmd_export.__doc__
+    )
+    export.add_argument("source", help="a stage folder (its latest checkpoint), a checkpoints folder, or a step-N one")
+    export.add_argument("out", help="output .safetensors (model.json is written beside it)")
+    export.set_defaults(func=cmd_export)
+
     bench = sub.add_parser("bench", help="benchmarks (print a table; --json for machines)", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     train = bench_sub.add_parser(
@@ -347,6 +420,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
     train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")
     train.set_defaults(func=cmd_bench_train)
+
+    scale = bench_sub.add_parser(
+        "scale", help="images/s, MFU and memory of an experiment on 1..N ranks", description=cmd_bench_scale.__doc__
+    )
+    scale.add_argument("config", help="experiment YAML; its first training stage is measured")
+    scale.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
+    scale.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="ranks (GPUs) per run")
+    scale.add_argument("--zero", type=int, nargs="+", default=[2, 3], help="ZeRO stages")
+    scale.add_argument("--workdir", default="runs/scale", help="each run's output_dir goes under this")
+    scale.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
+    scale.set_defaults(func=cmd_bench_scale)
+
+    allreduce = bench_sub.add_parser(
+        "allreduce", help="all-reduce bus bandwidth over N ranks", description=cmd_bench_allreduce.__doc__
+    )
+    allreduce.add_argument("--ranks", type=int, default=2, help="ranks (GPUs) on this node")
+    allreduce.add_argument("--sizes", type=float, nargs="+", default=[1, 16, 256, 1024], help="buffer sizes, MiB")
+    allreduce.add_argument("--iters", type=int, default=20, help="timed all-reduces per size")
+    allreduce.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
+    allreduce.set_defaults(func=cmd_bench_allreduce)
 
     data = bench_sub.add_parser(
         "data", help="loader images/s vs a naive PIL loader", description=cmd_bench_data.__doc__

@@ -14,46 +14,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 import webdataset as wds
 from PIL import Image
 
 from pipeline.config import AugmentConfig
-from pipeline.data.shards import Sample, write_shards
 from pipeline.data.sources import Source, ensure_index, read_index_file
 from pipeline.data.stream import StreamPlan, TrainStream, cpu_prepare
+from pipeline.data.synthetic import make_photo_shards
 from pipeline.data.transforms import normalize, train_transform
-
-
-def photo_like(rng: np.random.Generator, height: int = 375, width: int = 500) -> bytes:
-    """A JPEG with a photo's mix of smooth regions, edges and texture (so its entropy, and decode cost, are
-    realistic), at quality 90."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = []
-    for _ in range(3):
-        fx, fy, phase = rng.uniform(5, 60), rng.uniform(5, 60), rng.uniform(0, 6.3)
-        base = 110 + 60 * np.sin(x / fx + phase) * np.cos(y / fy)
-        channels.append(base + rng.normal(0, 18, (height, width)))
-    image = np.stack(channels, -1)
-    for _ in range(6):  # a few hard-edged blobs
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(15, 90)
-        image[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    out = io.BytesIO()
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
-def make_photo_shards(out: Path, images: int, per_shard: int = 250, seed: int = 0) -> Path:
-    """`images` generated 500x375 JPEGs in shards of `per_shard`, 1,000 classes (reused if already there)."""
-    if (out / "index.json").exists():
-        return out
-    rng = np.random.default_rng(seed)
-    distinct = [photo_like(rng) for _ in range(min(images, 200))]  # encoding is slow; reuse 200 distinct photos
-    samples = (Sample(f"{i:08d}", distinct[i % len(distinct)], "jpg", i % 1000) for i in range(images))
-    write_shards(samples, out, classes=[], max_count=per_shard, total=images, desc="generating benchmark shards")
-    return out
 
 
 def naive_baseline(urls: list[str], images: int, image_size: int) -> float:

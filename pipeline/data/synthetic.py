@@ -2,7 +2,8 @@
 
 Each image is one coloured shape at a random place, size, rotation and colour, on a noisy gradient background
 with distractor lines and dots. "shapes" (8 classes) is the pre-training task; "novel-shapes" (4 classes the
-pre-training never saw) is the fine-tuning task, so fine-tuning has to transfer, not memorise.
+pre-training never saw) is the fine-tuning task, so fine-tuning has to transfer, not memorise. "photos" are
+ImageNet-sized (500x375) photo-like JPEGs for throughput measurements: realistic decode cost, nothing to learn.
 """
 
 from __future__ import annotations
@@ -169,3 +170,39 @@ def write_dataset(
     max_count = max_count or max(1, math.ceil(samples / 8))
     classes = list(SHAPE_SETS[kind])
     return write_shards(samples_iter, out_dir, classes=classes, max_count=max_count, total=samples, desc=desc)
+
+
+PHOTO_CLASSES = 1000
+
+
+def photo_like(rng: np.random.Generator, height: int = 375, width: int = 500) -> bytes:
+    """A JPEG with a photo's mix of smooth regions, edges and texture (so its entropy, and decode cost, are
+    realistic), at quality 90."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(5, 60), rng.uniform(5, 60), rng.uniform(0, 6.3)
+        base = 110 + 60 * np.sin(x / fx + phase) * np.cos(y / fy)
+        channels.append(base + rng.normal(0, 18, (height, width)))
+    image = np.stack(channels, -1)
+    for _ in range(6):  # a few hard-edged blobs
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(15, 90)
+        image[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_photo_shards(
+    out: str | Path, images: int, per_shard: int = 250, seed: int = 0, desc: str = "generating photo-like shards"
+) -> Path:
+    """`images` generated 500x375 JPEGs in shards of `per_shard`, labels 0..999 in turn (reused if already there):
+    ImageNet-sized inputs for throughput measurements; there is nothing in them to learn."""
+    out = Path(out)
+    if (out / "index.json").exists():
+        return out
+    rng = np.random.default_rng(seed)
+    distinct = [photo_like(rng) for _ in range(min(images, 200))]  # encoding is slow; reuse 200 distinct photos
+    samples = (Sample(f"{i:08d}", distinct[i % len(distinct)], "jpg", i % PHOTO_CLASSES) for i in range(images))
+    write_shards(samples, out, classes=[], max_count=per_shard, total=images, desc=desc)
+    return out
