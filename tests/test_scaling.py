@@ -1,0 +1,38 @@
+"""`mixer bench scale` and `mixer bench allreduce` on CPU ranks (gloo): the real runs, read back as rows."""
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, run_mixer
+
+pytestmark = pytest.mark.slow
+
+
+def test_scale_runs_the_experiment_on_each_number_of_ranks(tmp_path):
+    result = run_mixer(
+        "bench", "scale", str(REPO / "tests" / "configs" / "resume.yaml"),
+        f"datasets.shapes.path={tmp_path}/shapes", "stages.pretrain.steps=2", "stages.pretrain.log_every=1",
+        "--ranks", "1", "2", "--zero", "2", "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "scale.json"),
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert [(r["zero_stage"], r["ranks"]) for r in rows] == [(2, 1), (2, 2)]
+    for row in rows:
+        done = json.loads((tmp_path / "runs" / f"zero2-{row['ranks']}rank/stages/pretrain/result.json").read_text())
+        assert done["world_size"] == row["ranks"] and row["images_per_s"] == done["train/img_per_s"] > 0
+    assert rows[0]["scaling_efficiency"] == 1.0
+    assert rows[1]["scaling_efficiency"] == pytest.approx(rows[1]["images_per_s"] / 2 / rows[0]["images_per_s"])
+    assert "scaling eff." in result.stdout
+
+
+def test_allreduce_starts_its_own_ranks_and_reports_bus_bandwidth(tmp_path):
+    result = run_mixer(
+        "bench", "allreduce", "--ranks", "2", "--sizes", "1", "4", "--iters", "2", "--json", str(tmp_path / "ar.json")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "ar.json").read_text())["rows"]
+    assert [(r["ranks"], r["size_mib"]) for r in rows] == [(2, 1.0), (2, 4.0)]
+    for r in rows:  # 2 ranks: bus bandwidth = algorithm bandwidth x 2(n-1)/n = the same
+        assert r["busbw_gb_s"] == pytest.approx(r["algbw_gb_s"]) and r["time_ms"] > 0
