@@ -9,14 +9,16 @@ matmul rate measured in the same process (and the datasheet peak, for reference)
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline import dist
+from pipeline import checkpoint, dist
 from pipeline import engine as eng
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
 from pipeline.flops import measure_matmul_flops, peak_flops, train_flops_per_image
@@ -91,6 +93,12 @@ def timm_model(spec: MixerSpec) -> torch.nn.Module:
 
 def _deepspeed_step(spec: MixerSpec, batch: int, zero_stage: int, compile_model: bool, ds_options: dict) -> Step:
     """The step `mixer run` takes: DeepSpeed engine, bf16 weights with fp32 master copies, fused AdamW, clipping."""
+    return _engine_step(_deepspeed_engine(spec, batch, zero_stage, compile_model, ds_options))
+
+
+def _deepspeed_engine(
+    spec: MixerSpec, batch: int, zero_stage: int, compile_model: bool, ds_options: dict
+) -> eng.Engine:
     stage = StageConfig(
         name="bench",
         kind="pretrain",
@@ -100,10 +108,12 @@ def _deepspeed_step(spec: MixerSpec, batch: int, zero_stage: int, compile_model:
         optim=OptimConfig(warmup_steps=10),
     )
     ds = DeepSpeedConfig(zero_stage=zero_stage, precision="bf16", **ds_options)
-    engine = eng.build_engine(
+    return eng.build_engine(
         MlpMixer(spec, NUM_CLASSES), stage, eng.build_config(stage, ds, 1, torch.device("cuda")), compile_model
     )
 
+
+def _engine_step(engine: eng.Engine) -> Step:
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         loss = F.cross_entropy(engine(images.to(torch.bfloat16)).float(), labels)
         engine.backward(loss)
@@ -194,3 +204,51 @@ ALL_VARIANTS = [
     "ours DeepSpeed ZeRO-2 + compile",
     "ours DeepSpeed ZeRO-3",
 ]
+
+
+def run_checkpoint_bench(model: str, batch: int, saves: int, steps: int, workdir: Path) -> dict:
+    """How long a checkpoint holds up training on one GPU: blocking saves, then background saves
+    (`checkpoint_async`), of the same DeepSpeed ZeRO-2 engine. After each save `steps` training steps run (during
+    the background write) before waiting for the checkpoint to be complete."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("mixer bench checkpoint needs a CUDA GPU")
+    env = dist.read_env("cuda")
+    dist.init_process_group(env)
+    spec = VARIANTS[model]
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, spec.image_size, spec.image_size, device="cuda")
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+    engine = _deepspeed_engine(spec, batch, 2, False, {})
+    step = _engine_step(engine)
+    _, step_ms = _time(step, images, labels, warmup=3, steps=steps)
+    rows = []
+    for mode in ("blocking", "background"):  # background second: it replaces the engine's file writer for good
+        saver = checkpoint.Saver(engine, workdir / mode, rank=0, world_size=1, keep=1, background=mode == "background")
+        for i in range(saves):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            tag = saver.save(i + 1, {"bench": mode})
+            blocked = time.perf_counter() - start
+            _, during_ms = _time(step, images, labels, warmup=0, steps=steps)
+            saver.wait()
+            complete = time.perf_counter() - start
+            size = sum(p.stat().st_size for p in (workdir / mode / tag).rglob("*") if p.is_file())
+            rows.append(
+                {
+                    "mode": mode,
+                    "blocked_s": blocked,
+                    "complete_s": complete,
+                    "step_ms_after_save": during_ms,
+                    "checkpoint_gb": size / 1e9,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    background = [r["blocked_s"] for r in rows if r["mode"] == "background"]
+    return {
+        "device": torch.cuda.get_device_name(),
+        "model": model,
+        "batch": batch,
+        "step_ms": step_ms,
+        "rows": rows,
+        "background_blocked_s": sorted(background)[len(background) // 2],
+    }

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 from pipeline import dist, weights
@@ -30,6 +32,7 @@ from pipeline.models.mixer import MixerSpec, MlpMixer, grow_resolution
 MANIFEST = "manifest.json"  # written last: a checkpoint without one is incomplete and never `latest`
 LATEST = "latest"
 UNIVERSAL = "universal"  # inside a tag: its universal conversion, for another number of ranks
+HASHES = "hashes"  # background saves: each rank's list of the files it wrote, with sizes and SHA-256
 META = "meta.json"  # step, fingerprint and settings as JSON: checked before DeepSpeed reads any tensor
 
 
@@ -73,47 +76,97 @@ def latest_tag(directory: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def save(
-    engine: eng.Engine,
-    layout: StageLayout,
-    step: int,
-    client_state: dict,
-    data_state: dict | None = None,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    keep: int = 0,
-) -> str:
-    """Collective, atomic save of everything needed to continue; returns the checkpoint's tag.
+class Saver:
+    """Atomic saves of one stage's checkpoints: everything needed to continue, `latest` moved only once complete.
 
-    Every rank writes its shard and its data position (`<tag>/data/rank<r>.json`) and hashes a share of the
-    files; then rank 0 writes `<tag>/manifest.json` (every file's size and SHA-256) and only then moves `latest`
-    to the new tag, by rename. A kill at any moment leaves `latest` on a complete checkpoint. With `keep` > 0,
-    older complete checkpoints beyond the newest `keep` are deleted after that.
+    Every rank writes its shard and its data position (`<tag>/data/rank<r>.json`) and hashes files; then rank 0
+    writes `<tag>/manifest.json` (every file's size and SHA-256) and only then moves `latest` to the new tag, by
+    rename. A kill at any moment leaves `latest` on a complete checkpoint. With `keep` > 0, older complete
+    checkpoints beyond the newest `keep` are deleted after that.
+
+    Blocking (default): the ranks share the hashing and meet in collectives; `save` returns when the checkpoint
+    is complete. With `background`, `save` returns once the state is copied to host memory: a thread per rank
+    writes the files, hashes those it wrote into `<tag>/hashes/rank<r>.json`, and rank 0's thread, once every
+    rank's list is there, writes the manifest and moves `latest`, with no collective off the main thread.
+    `wait` blocks until this rank's part of the last save is done (on rank 0: the whole checkpoint).
     """
-    directory, tag = layout.checkpoints, tag_for(step)
-    if data_state is not None:
-        path = _data_file(directory, tag, rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data_state))
-    if rank == 0:
-        (directory / tag).mkdir(parents=True, exist_ok=True)
-        (directory / tag / META).write_text(json.dumps({"step": step, **client_state}))
-    eng.save_checkpoint(engine, directory, tag, {"step": step, **client_state})
-    dist.barrier()  # every rank's files are on disk
-    files = _files(directory / tag)
-    mine = {str(p.relative_to(directory / tag)): [p.stat().st_size, _sha256(p)] for p in files[rank::world_size]}
-    entries = {k: v for part in dist.all_gather_objects(mine) for k, v in part.items()}
-    if rank == 0:
-        manifest = {"tag": tag, "step": step, "world_size": world_size, "files": dict(sorted(entries.items()))}
-        _atomic_write(directory / tag / MANIFEST, json.dumps(manifest, indent=1))
-        _atomic_write(directory / LATEST, tag)
-        if keep > 0:
-            for old in complete_tags(directory)[:-keep]:
+
+    def __init__(
+        self, engine: eng.Engine, directory: Path, *, rank: int, world_size: int, keep: int, background: bool
+    ) -> None:
+        self.engine, self.directory = engine, directory
+        self.rank, self.world_size, self.keep, self.background = rank, world_size, keep, background
+        self._finishing: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if background:
+            eng.write_in_background(engine)
+
+    def save(self, step: int, client_state: dict, data_state: dict | None = None) -> str:
+        """Collective: checkpoint `step`; returns its tag."""
+        self.wait()  # one save in flight at a time
+        directory, tag, rank = self.directory, tag_for(step), self.rank
+        own = []
+        if data_state is not None:
+            path = _data_file(directory, tag, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data_state))
+            own.append(path)
+        if rank == 0:
+            (directory / tag).mkdir(parents=True, exist_ok=True)
+            (directory / tag / META).write_text(json.dumps({"step": step, **client_state}))
+            own.append(directory / tag / META)
+        eng.save_checkpoint(self.engine, directory, tag, {"step": step, **client_state})
+        if not self.background:
+            dist.barrier()  # every rank's files are on disk
+            files = _files(directory / tag)[rank :: self.world_size]
+            entries = {k: v for part in dist.all_gather_objects(self._hashes(tag, files)) for k, v in part.items()}
+            if rank == 0:
+                self._complete(tag, step, entries)
+            dist.barrier()
+            return tag
+        self._finishing = threading.Thread(
+            target=self._finish, args=(tag, step, own), name=f"checkpoint-{tag}", daemon=True
+        )
+        self._finishing.start()
+        return tag
+
+    def wait(self) -> None:
+        """Until this rank's part of the last save is on disk (rank 0: until the checkpoint is complete)."""
+        if self._finishing is not None:
+            self._finishing.join()
+            self._finishing = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint in the background failed: {error}") from error
+
+    def _finish(self, tag: str, step: int, own: list[Path], timeout_s: float = 3600) -> None:
+        try:
+            hashes = self._hashes(tag, own + eng.saved_files(self.engine))
+            (self.directory / tag / HASHES).mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.directory / tag / HASHES / f"rank{self.rank:05d}.json", json.dumps(hashes))
+            if self.rank != 0:
+                return
+            deadline = time.monotonic() + timeout_s
+            while len(parts := sorted((self.directory / tag / HASHES).glob("rank*.json"))) < self.world_size:
+                if time.monotonic() > deadline:  # a rank died: the checkpoint stays incomplete, never `latest`
+                    raise TimeoutError(f"{len(parts)} of {self.world_size} ranks finished writing {tag}")
+                time.sleep(0.2)
+            self._complete(tag, step, {k: v for p in parts for k, v in json.loads(p.read_text()).items()})
+        except BaseException as err:  # noqa: BLE001  (re-raised on the main thread by `wait`)
+            self._error = err
+
+    def _hashes(self, tag: str, files: list[Path]) -> dict[str, list]:
+        return {str(p.relative_to(self.directory / tag)): [p.stat().st_size, _sha256(p)] for p in files}
+
+    def _complete(self, tag: str, step: int, entries: dict[str, list]) -> None:
+        """Rank 0: the manifest, then `latest`, then pruning."""
+        manifest = {"tag": tag, "step": step, "world_size": self.world_size, "files": dict(sorted(entries.items()))}
+        _atomic_write(self.directory / tag / MANIFEST, json.dumps(manifest, indent=1))
+        _atomic_write(self.directory / LATEST, tag)
+        if self.keep > 0:
+            for old in complete_tags(self.directory)[: -self.keep]:
                 if old != tag:
-                    shutil.rmtree(directory / old, ignore_errors=True)
-    dist.barrier()
-    return tag
+                    shutil.rmtree(self.directory / old, ignore_errors=True)
 
 
 def verify(directory: Path, tag: str, rank: int = 0, world_size: int = 1) -> None:

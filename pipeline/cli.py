@@ -258,6 +258,28 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
+    """How long a checkpoint holds up training on one GPU: blocking vs background (`checkpoint_async`) saves."""
+    from pipeline import bench
+
+    result = bench.run_checkpoint_bench(args.model, args.batch, args.saves, args.steps, Path(args.workdir))
+    table = Table(title=f"Mixer-{args.model} DeepSpeed ZeRO-2 checkpoints, {result['device']}, "
+                  f"step {result['step_ms']:.0f} ms without a save")  # fmt: skip
+    for column in ("mode", "training blocked s", "complete after s", "step ms while writing", "GB"):
+        table.add_column(column, justify="right")
+    for r in result["rows"]:
+        table.add_row(
+            r["mode"],
+            f"{r['blocked_s']:.3f}",
+            f"{r['complete_s']:.2f}",
+            f"{r['step_ms_after_save']:.0f}",
+            f"{r['checkpoint_gb']:.2f}",
+        )
+    console.print(table)
+    _write_json(result, args.json)
+    return 0
+
+
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     """Weak scaling of a real experiment: `mixer run CONFIG` on each number of ranks and ZeRO stage, one node."""
     from pipeline.scaling import run_scale_bench
@@ -420,6 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
     train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")
     train.set_defaults(func=cmd_bench_train)
+
+    ckpt = bench_sub.add_parser(
+        "checkpoint",
+        help="training time lost to a checkpoint, blocking vs background",
+        description=cmd_bench_checkpoint.__doc__,
+    )
+    ckpt.add_argument("--model", default="B/16", choices=["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"])
+    ckpt.add_argument("--batch", type=int, default=128)
+    ckpt.add_argument("--saves", type=int, default=3, help="checkpoints per mode")
+    ckpt.add_argument("--steps", type=int, default=10, help="training steps timed after each save")
+    ckpt.add_argument("--workdir", default="runs/bench-checkpoint", help="where the checkpoints are written")
+    ckpt.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
+    ckpt.set_defaults(func=cmd_bench_checkpoint)
 
     scale = bench_sub.add_parser(
         "scale", help="images/s, MFU and memory of an experiment on 1..N ranks", description=cmd_bench_scale.__doc__

@@ -153,6 +153,9 @@ class StageConfig:
     checkpoint_every: int = 0  # steps between sharded checkpoints; the stage always saves at its end
     checkpoint_every_minutes: float = 0.0  # also save when this much time has passed since the last save; 0: off
     checkpoint_keep: int = 3  # complete checkpoints kept (older ones deleted once a newer one is complete); 0: all
+    # Write checkpoints in the background: training waits only while the state is copied to host memory, then
+    # continues while a thread per rank writes and hashes the files; `latest` moves once all are written.
+    checkpoint_async: bool = False
     # A checkpoint to continue from when the stage has none of its own: another run's `stages/<s>/checkpoints`
     # folder (its latest) or one `step-N` folder in it. Full state: weights, optimiser, schedule, step, data position.
     resume_from: str | None = None

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402  (after the logger is quietened: it logs on import)
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.utils import logging as ds_logging  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
@@ -142,6 +144,60 @@ def build_engine(model: nn.Module, stage: StageConfig, config: dict, compile_mod
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config
         )
     return engine
+
+
+class BackgroundCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's file writer, made non-blocking: `save` copies the state into host buffers (the only part the
+    training loop waits for) and a background thread serialises and writes it. `wait` blocks until every file
+    handed over so far is on disk and returns their paths.
+
+    The host buffers are pinned (on GPUs) and kept from one save to the next, keyed by file name and place in the
+    state: allocating and pinning gigabytes on every save would cost more than the copy. The caller must `wait`
+    before the next save, which refills them. DeepSpeed's own asynchronous writers (`checkpoint.writer`) need its
+    `aio` op compiled against libaio; this needs nothing beyond torch."""
+
+    def __init__(self, config_params: Any = None) -> None:
+        super().__init__(config_params)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: list[tuple[str, Future]] = []
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def save(self, state_dict: Any, path: str) -> None:
+        snapshot = self._host_copy(state_dict, (Path(path).name,))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies into pinned buffers are asynchronous
+        self._pending.append((path, self._writer.submit(TorchCheckpointEngine.save, self, snapshot, path)))
+
+    def wait(self) -> list[Path]:
+        pending, self._pending = self._pending, []
+        for _, future in pending:
+            future.result()  # re-raises a failed write here
+        return [Path(path) for path, _ in pending]
+
+    def _host_copy(self, obj: Any, key: tuple) -> Any:
+        """`obj` with every tensor copied into its host buffer (containers rebuilt, other leaves shared)."""
+        if torch.is_tensor(obj):
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+                buffer = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+                self._buffers[key] = buffer
+            return buffer.copy_(obj.detach(), non_blocking=True)
+        if isinstance(obj, dict):
+            return type(obj)((k, self._host_copy(v, (*key, k))) for k, v in obj.items())
+        if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
+            return type(obj)(self._host_copy(v, (*key, i)) for i, v in enumerate(obj))
+        return obj
+
+
+def write_in_background(engine: Engine) -> None:
+    """From now on the engine's checkpoint files are written by a background thread (`saved_files` waits)."""
+    engine.checkpoint_engine = BackgroundCheckpointEngine(engine._config)
+
+
+def saved_files(engine: Engine) -> list[Path]:
+    """With background writing: wait until the files of the saves so far are written; their paths."""
+    writer = engine.checkpoint_engine
+    return writer.wait() if isinstance(writer, BackgroundCheckpointEngine) else []
 
 
 def save_checkpoint(engine: Engine, directory: Path, tag: str, client_state: dict) -> None:

@@ -138,7 +138,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
             "run_id": tracker.run_id,
         }
         if stage.kind != "eval":
-            tag = runner.save(stage.steps)
+            tag = runner.save(stage.steps, wait=True)  # the export below reads it
             dist.barrier()
             result["checkpoint"] = str(layout.checkpoints / tag)
             if env.is_primary:
@@ -228,14 +228,23 @@ class StageRunner:
         self.metrics: dict[str, float] = {}
         self.bad_log: list[dict] = []
         self.bad_logged_at, self.bad_unlogged = 0.0, False
+        self.saver = checkpoint.Saver(
+            engine,
+            layout.checkpoints,
+            rank=env.rank,
+            world_size=env.world_size,
+            keep=stage.checkpoint_keep,
+            background=stage.checkpoint_async and stage.kind != "eval",
+        )
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch -> standardised float32 on the device (mixup and the model's dtype come after)."""
         device = self.env.device
         return normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
-    def save(self, step: int) -> str:
-        """Collective checkpoint of the engine and this rank's data position; its duration is logged."""
+    def save(self, step: int, wait: bool = False) -> str:
+        """Collective checkpoint of the engine and this rank's data position. `checkpoint/save_s` is the time the
+        loop was held up (with `checkpoint_async`, the copy to host memory); `wait`: until it is complete."""
         started = time.time()
         state = self.stream.state() if self.stream is not None else None
         client = {
@@ -243,17 +252,9 @@ class StageRunner:
             "fingerprint": self.fingerprint,
             "settings": stage_params(self.cfg, self.stage),
         }
-        env = self.env
-        tag = checkpoint.save(
-            self.engine,
-            self.layout,
-            step,
-            client,
-            state,
-            rank=env.rank,
-            world_size=env.world_size,
-            keep=self.stage.checkpoint_keep,
-        )
+        tag = self.saver.save(step, client, state)
+        if wait:
+            self.saver.wait()
         self.last_save = time.time()
         self.tracker.log_metrics({"checkpoint/save_s": self.last_save - started}, step)
         return tag
@@ -377,8 +378,8 @@ class StageRunner:
             late = minutes > 0 and time.time() - self.last_save > 60 * minutes
             stop, late = self.preemption.agreed(env.device, late)  # ranks' clocks differ: agree on both
             scheduled = late or (stage.checkpoint_every and step % stage.checkpoint_every == 0)
-            if step != stage.steps and (scheduled or stop):  # a stop saves too, once
-                self.save(step)
+            if step != stage.steps and (scheduled or stop):  # a stop saves too, once, and waits for it
+                self.save(step, wait=stop)
                 window_start = time.time()
             if stop and step != stage.steps:
                 bar.close()

@@ -1,7 +1,7 @@
 import torch
 
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
-from pipeline.engine import build_config, param_groups
+from pipeline.engine import BackgroundCheckpointEngine, build_config, param_groups
 from pipeline.models.mixer import MixerSpec, MlpMixer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -50,3 +50,20 @@ def test_weight_decay_skips_biases_and_norms():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_background_writes_keep_the_state_as_it_was_at_save_and_reuse_their_buffers(tmp_path):
+    writer = BackgroundCheckpointEngine()
+    weights = torch.arange(6, dtype=torch.float32)
+    state = {"module": {"w": weights}, "steps": [torch.tensor(3)], "name": "x"}
+    (tmp_path / "a").mkdir()
+    writer.save(state, str(tmp_path / "a" / "model.pt"))
+    weights.add_(100)  # training goes on while the file is written
+    assert writer.wait() == [tmp_path / "a" / "model.pt"]
+    saved = torch.load(tmp_path / "a" / "model.pt")
+    assert torch.equal(saved["module"]["w"], torch.arange(6, dtype=torch.float32)) and saved["name"] == "x"
+    (tmp_path / "b").mkdir()
+    writer.save(state, str(tmp_path / "b" / "model.pt"))  # same file name, same place: the same host buffer
+    writer.wait()
+    assert torch.equal(torch.load(tmp_path / "b" / "model.pt")["module"]["w"], weights)
+    assert len(writer._buffers) == 2 and writer.wait() == []
