@@ -48,6 +48,10 @@ def _data_file(directory: Path, tag: str, rank: int) -> Path:
     return directory / tag / "data" / f"rank{rank:05d}.json"
 
 
+def _rng_file(directory: Path, tag: str, rank: int) -> Path:
+    return directory / tag / "rng" / f"rank{rank:05d}.json"
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -101,16 +105,19 @@ class Saver:
         if background:
             eng.write_in_background(engine)
 
-    def save(self, step: int, client_state: dict, data_state: dict | None = None) -> str:
-        """Collective: checkpoint `step`; returns its tag."""
+    def save(self, step: int, client_state: dict, data_state: dict | None = None, rng_state: dict | None = None) -> str:
+        """Collective: checkpoint `step` with this rank's data position and random generators; returns its tag."""
         self.wait()  # one save in flight at a time
         directory, tag, rank = self.directory, tag_for(step), self.rank
         own = []
-        if data_state is not None:
-            path = _data_file(directory, tag, rank)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(data_state))
-            own.append(path)
+        for path, state in (
+            (_data_file(directory, tag, rank), data_state),
+            (_rng_file(directory, tag, rank), rng_state),
+        ):
+            if state is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(state))
+                own.append(path)
         if rank == 0:
             (directory / tag).mkdir(parents=True, exist_ok=True)
             (directory / tag / META).write_text(json.dumps({"step": step, **client_state}))
@@ -286,6 +293,12 @@ def data_state(directory: Path, tag: str, rank: int) -> dict | None:
         if path.exists():
             return json.loads(path.read_text())
     return None
+
+
+def rng_state(directory: Path, tag: str, rank: int) -> dict | None:
+    """This rank's random generators as saved in checkpoint `tag` (none for a rank the writing job did not have)."""
+    path = _rng_file(directory, tag, rank)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def export(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -38,6 +39,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_states() -> dict:
+    """This process's random generators (python, numpy, torch CPU and CUDA) as JSON, for its checkpoint."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """The inverse of `rng_states` (CUDA generators only where this process has as many devices)."""
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(states["torch"]))
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in states["cuda"]])
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def stage_params(cfg: ExperimentConfig, stage: StageConfig) -> dict:
@@ -112,6 +144,9 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         changes = checkpoint.changed_settings(state.get("settings", {}), stage_params(cfg, stage))
         start_step = int(state["step"])
         data_state = checkpoint.data_state(*resume_at, env.rank)
+        saved_rng = checkpoint.rng_state(*resume_at, env.rank)
+        if saved_rng is not None:  # the loop reseeds every step from (seed, step) too, so this is belt and braces
+            set_rng_states(saved_rng)
 
     tracker = tracking.start_stage(cfg, stage.name, stage.kind, layout.run_id, parent_run_id, env.is_primary)
     if resume_at is not None:
@@ -252,7 +287,7 @@ class StageRunner:
             "fingerprint": self.fingerprint,
             "settings": stage_params(self.cfg, self.stage),
         }
-        tag = self.saver.save(step, client, state)
+        tag = self.saver.save(step, client, state, rng_states())
         if wait:
             self.saver.wait()
         self.last_save = time.time()

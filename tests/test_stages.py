@@ -224,7 +224,9 @@ def test_checkpoints_have_a_manifest_and_latest_moves_only_when_complete(tiny_ru
     size, digest = manifest["files"][shard]
     assert size == (ckpts / "step-00000006" / shard).stat().st_size
     assert digest == hashlib.sha256((ckpts / "step-00000006" / shard).read_bytes()).hexdigest()
-    assert {"data/rank00000.json", "data/rank00001.json"} <= manifest["files"].keys()
+    assert {"data/rank00000.json", "data/rank00001.json", "rng/rank00000.json", "rng/rank00001.json"} <= manifest[
+        "files"
+    ].keys()
     # A save killed half-way: a newer folder without a manifest. Run pre-training on to step 9.
     partial = ckpts / "step-00000009"
     partial.mkdir()
