@@ -122,6 +122,19 @@ def _engine_step(engine: eng.Engine) -> Step:
     return step
 
 
+def _one_gpu(bench: str, model: str, batch: int) -> tuple[dist.DistEnv, MixerSpec, torch.Tensor, torch.Tensor]:
+    """A one-process job on the GPU, the variant's shape, and a fixed synthetic batch (random 224² images)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"mixer bench {bench} needs a CUDA GPU")
+    env = dist.read_env("cuda")
+    dist.init_process_group(env)
+    spec = VARIANTS[model]
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, spec.image_size, spec.image_size, device="cuda")
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+    return env, spec, images, labels
+
+
 def run_train_bench(
     model: str,
     batch: int,
@@ -132,14 +145,7 @@ def run_train_bench(
     profile: bool = False,
 ) -> dict:
     """Measure each variant in turn on one GPU; returns rows plus the headline numbers."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("mixer bench train needs a CUDA GPU")
-    env = dist.read_env("cuda")
-    dist.init_process_group(env)
-    spec = VARIANTS[model]
-    torch.manual_seed(0)
-    images = torch.randn(batch, 3, spec.image_size, spec.image_size, device="cuda")
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+    env, spec, images, labels = _one_gpu("train", model, batch)
     builders: dict[str, Callable[[], Step]] = {
         "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
         "timm + compile": lambda: _plain_step(torch.compile(timm_model(spec).cuda())),
@@ -210,14 +216,7 @@ def run_checkpoint_bench(model: str, batch: int, saves: int, steps: int, workdir
     """How long a checkpoint holds up training on one GPU: blocking saves, then background saves
     (`checkpoint_async`), of the same DeepSpeed ZeRO-2 engine. After each save `steps` training steps run (during
     the background write) before waiting for the checkpoint to be complete."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("mixer bench checkpoint needs a CUDA GPU")
-    env = dist.read_env("cuda")
-    dist.init_process_group(env)
-    spec = VARIANTS[model]
-    torch.manual_seed(0)
-    images = torch.randn(batch, 3, spec.image_size, spec.image_size, device="cuda")
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+    _, spec, images, labels = _one_gpu("checkpoint", model, batch)
     engine = _deepspeed_engine(spec, batch, 2, False, {})
     step = _engine_step(engine)
     _, step_ms = _time(step, images, labels, warmup=3, steps=steps)

@@ -263,21 +263,14 @@ def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
     from pipeline import bench
 
     result = bench.run_checkpoint_bench(args.model, args.batch, args.saves, args.steps, Path(args.workdir))
-    table = Table(title=f"Mixer-{args.model} DeepSpeed ZeRO-2 checkpoints, {result['device']}, "
-                  f"step {result['step_ms']:.0f} ms without a save")  # fmt: skip
-    for column in ("mode", "training blocked s", "complete after s", "step ms while writing", "GB"):
-        table.add_column(column, justify="right")
-    for r in result["rows"]:
-        table.add_row(
-            r["mode"],
-            f"{r['blocked_s']:.3f}",
-            f"{r['complete_s']:.2f}",
-            f"{r['step_ms_after_save']:.0f}",
-            f"{r['checkpoint_gb']:.2f}",
-        )
-    console.print(table)
-    _write_json(result, args.json)
-    return 0
+    rows = [
+        [r["mode"], f"{r['blocked_s']:.3f}", f"{r['complete_s']:.2f}", f"{r['step_ms_after_save']:.0f}",
+         f"{r['checkpoint_gb']:.2f}"]
+        for r in result["rows"]
+    ]  # fmt: skip
+    title = f"Mixer-{args.model} DeepSpeed ZeRO-2 checkpoints, {result['device']}, step {result['step_ms']:.0f} ms"
+    columns = ("mode", "training blocked s", "complete after s", "step ms while writing", "GB")
+    return _report(title, columns, rows, result, args.json)
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
@@ -286,25 +279,15 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir).resolve()
     result = run_scale_bench(args.config, args.overrides, args.ranks, args.zero, workdir)
-    table = Table(
-        title=f"{args.config}, stage {result['stage']}, micro-batch {result['micro_batch']}, {result['device']}"
-    )
-    for column in ("ZeRO", "ranks", "img/s", "img/s per rank", "MFU", "scaling eff.", "peak GiB/rank", "wall s"):
-        table.add_column(column, justify="right")
-    for r in result["rows"]:
-        table.add_row(
-            str(r["zero_stage"]),
-            str(r["ranks"]),
-            f"{r['images_per_s']:.0f}",
-            f"{r['images_per_s_per_rank']:.0f}",
-            f"{r['mfu']:.1%}",
-            "-" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.1%}",
-            "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}",
-            f"{r['wall_s']:.0f}",
-        )
-    console.print(table)
-    _write_json(result, args.json)
-    return 0
+    rows = [
+        [str(r["zero_stage"]), str(r["ranks"]), f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_rank']:.0f}",
+         f"{r['mfu']:.1%}", "-" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.1%}",
+         "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}", f"{r['wall_s']:.0f}"]
+        for r in result["rows"]
+    ]  # fmt: skip
+    title = f"{args.config}, stage {result['stage']}, micro-batch {result['micro_batch']}, {result['device']}"
+    columns = ("ZeRO", "ranks", "img/s", "img/s per rank", "MFU", "scaling eff.", "peak GiB/rank", "wall s")
+    return _report(title, columns, rows, result, args.json)
 
 
 def cmd_bench_allreduce(args: argparse.Namespace) -> int:
@@ -319,13 +302,22 @@ def cmd_bench_allreduce(args: argparse.Namespace) -> int:
     rows = run_allreduce_bench(args.sizes, args.iters)
     if rows is None:  # not the primary rank
         return 0
-    table = Table(title=f"all-reduce over {rows[0]['ranks']} ranks")
-    for column in ("MiB", "ms", "algbw GB/s", "busbw GB/s"):
+    table_rows = [
+        [f"{r['size_mib']:g}", f"{r['time_ms']:.3f}", f"{r['algbw_gb_s']:.1f}", f"{r['busbw_gb_s']:.1f}"] for r in rows
+    ]
+    columns = ("MiB", "ms", "algbw GB/s", "busbw GB/s")
+    return _report(f"all-reduce over {rows[0]['ranks']} ranks", columns, table_rows, {"rows": rows}, args.json)
+
+
+def _report(title: str, columns: tuple[str, ...], rows: list[list[str]], result: dict, json_target: str | None) -> int:
+    """A benchmark's table on the console, and its JSON where asked."""
+    table = Table(title=title)
+    for column in columns:
         table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(f"{r['size_mib']:g}", f"{r['time_ms']:.3f}", f"{r['algbw_gb_s']:.1f}", f"{r['busbw_gb_s']:.1f}")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
-    _write_json({"rows": rows}, args.json)
+    _write_json(result, json_target)
     return 0
 
 
