@@ -91,6 +91,51 @@ def cmd_stage(args: argparse.Namespace) -> int:
         run_stage(cfg, args.name, args.parent_run_id)
     except Preempted:
         return REQUEUE_EXIT  # checkpoint saved; the scheduler should run this again
+    except BaseException:
+        if args.submitted:  # a cluster job: nobody else will close the experiment's run
+            _close_parent(cfg, args.parent_run_id, "FAILED")
+        raise
+    if args.submitted and args.last:
+        _close_parent(cfg, args.parent_run_id, "FINISHED")
+    return 0
+
+
+def _close_parent(cfg, run_id: str | None, status: str) -> None:
+    """On the primary rank of a submitted job: the stages' summaries on the experiment's run, and its status."""
+    from pathlib import Path
+
+    from pipeline import dist, tracking
+    from pipeline.layout import RunLayout
+
+    if dist.read_env("cpu").rank != 0:
+        return
+    parent = tracking.existing_run(cfg, run_id)
+    layout = RunLayout(Path(cfg.output_dir))
+    for stage in cfg.stages:
+        result = layout.stage(stage.name).read_result()
+        if result is not None:
+            stages.log_stage_summary(parent, stage.name, result)
+    parent.finish(status)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Every stage as a cluster job, each starting when the one before it finished; or the job files only."""
+    from pipeline.submit import SubmitError, submit
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        jobs = submit(cfg, args.to)
+    except SubmitError as err:
+        print(f"mixer: error: {err}", file=sys.stderr)
+        return 1
+    table = Table(title=f"{cfg.name}: {'submitted to Slurm' if args.to == 'slurm' else 'job files'}")
+    for column in ("stage", "job file", "job id"):
+        table.add_column(column)
+    for job in jobs:
+        table.add_row(job.stage, str(job.path), job.job_id or "-")
+    console.print(table)
+    if not jobs:
+        console.print("every stage has finished: nothing to submit")
     return 0
 
 
@@ -378,7 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     stage.add_argument("--name", required=True, help="the stage to run")
     stage.add_argument("--parent-run-id", help="MLflow run of the experiment, for the stage's child run")
+    stage.add_argument("--submitted", action="store_true", help="a `mixer submit` job: close the parent run on failure")
+    stage.add_argument("--last", action="store_true", help="with --submitted: the last stage; close the parent run")
     stage.set_defaults(func=cmd_stage)
+
+    submit = sub.add_parser(
+        "submit",
+        help="submit every stage as a cluster job (Slurm), chained",
+        description=cmd_submit.__doc__ + " Job files go to <output_dir>/jobs/; resources come from the config's "
+        "`cluster:` section (per-stage overrides under cluster.stages.<name>).",
+    )
+    submit.add_argument("config", help="experiment YAML")
+    submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    submit.add_argument("--to", choices=["slurm", "print"], default="slurm", help="print: write the job files only")
+    submit.set_defaults(func=cmd_submit)
 
     models = sub.add_parser(
         "models", help="list the paper's Mixer variants with parameter counts", description=cmd_models.__doc__

@@ -225,6 +225,47 @@ class TrackingConfig:
 
 
 @dataclass
+class ClusterJobConfig:
+    """One stage's resources on the cluster; each key left out takes `cluster`'s value."""
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    cpus_per_node: int | None = None
+    time: str | None = None
+    partition: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    """How `mixer submit` makes each stage a cluster job: one launcher per node (torchrun, started by srun),
+    `launch.nproc_per_node` ranks under each, the stages chained so that each starts when the one before finished."""
+
+    nodes: int = 1  # nodes per stage job (launch.nnodes is for `mixer run` only)
+    gpus_per_node: int = 0  # GPUs asked for per node (Slurm --gpus-per-node); 0 on CPU-only clusters
+    cpus_per_node: int | None = None  # CPU cores per node for the launcher, its ranks and their loader workers
+    time: str = "24:00:00"  # Slurm time limit per job, [D-]HH:MM:SS
+    partition: str | None = None  # Slurm partition; None: the cluster's default
+    requeue: bool = True  # a job stopped by preemption or its time limit saves, exits 75 and is requeued
+    signal_seconds: int = 300  # Slurm warns (SIGUSR1) this long before the time limit: time to save
+    python: str = "python3"  # the interpreter on the nodes that has the project installed
+    rdzv_port: int = 29500  # torchrun's c10d rendezvous on the job's first node
+    # Exported in every job and written to its log: the one place for NCCL (and other) environment settings.
+    # Values are strings: quote numbers in YAML (NCCL_IB_DISABLE: "1").
+    env: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, ClusterJobConfig] = field(default_factory=dict)  # per-stage overrides, by stage name
+
+    def job(self, stage: str) -> ClusterJobConfig:
+        """Stage `stage`'s resources: its overrides over the defaults."""
+        own = self.stages.get(stage, ClusterJobConfig())
+        return ClusterJobConfig(
+            **{
+                f.name: getattr(own, f.name) if getattr(own, f.name) is not None else getattr(self, f.name)
+                for f in dataclasses.fields(ClusterJobConfig)
+            }
+        )
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: shared settings and the ordered stages."""
 
@@ -238,6 +279,7 @@ class ExperimentConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -410,6 +452,13 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         raise ConfigError(f"{source}: 'data.max_bad_fraction' must be between 0 and 1")
     if not cfg.stages:
         raise ConfigError(f"{source}: 'stages' is empty")
+    for name in cfg.cluster.stages:
+        if name not in [s.name for s in cfg.stages]:
+            raise ConfigError(
+                f"{source}: 'cluster.stages.{name}' names no stage; stages: {[s.name for s in cfg.stages]}"
+            )
+    if cfg.cluster.nodes < 1 or cfg.cluster.gpus_per_node < 0:
+        raise ConfigError(f"{source}: 'cluster.nodes' must be >= 1 and 'cluster.gpus_per_node' >= 0")
     seen: list[str] = []
     for stage in cfg.stages:
         where = f"stages[{stage.name}]"

@@ -141,12 +141,23 @@ def stage_env(cfg: ExperimentConfig) -> dict[str, str]:
     return env
 
 
-def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
-    """Every stage in order; a finished stage (its result.json exists) is not run again."""
+def open_parent(cfg: ExperimentConfig, layout: RunLayout) -> tracking.NullTracker:
+    """The experiment's MLflow run (the same one on a rerun), with the resolved config as params and artifact."""
     parent = tracking.start_parent(cfg, layout.parent_run_id)
     if not parent.resumed:
         parent.log_params(flatten(to_dict(cfg)))
         parent.log_artifact(layout.config)
+    return parent
+
+
+def log_stage_summary(parent: tracking.NullTracker, stage: str, result: dict) -> None:
+    """A finished stage's final train/ and eval/ numbers on the experiment's run, as `<stage>/<metric>`."""
+    parent.log_metrics({f"{stage}/{k}": v for k, v in result.items() if k.startswith(("eval/", "train/"))}, step=0)
+
+
+def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
+    """Every stage in order; a finished stage (its result.json exists) is not run again."""
+    parent = open_parent(cfg, layout)
     results = []
     try:
         for stage in cfg.stages:
@@ -166,9 +177,7 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
                     raise StageFailed(stage.name, returncode)
                 done["wall_s"] = round(time.time() - started, 1)  # launch to exit, start-up included
             results.append(done)
-            parent.log_metrics(
-                {f"{stage.name}/{k}": v for k, v in done.items() if k.startswith(("eval/", "train/"))}, step=0
-            )
+            log_stage_summary(parent, stage.name, done)
     except (KeyboardInterrupt, StagePreempted):
         parent.finish("KILLED")
         raise

@@ -156,6 +156,13 @@ def start_parent(cfg: ExperimentConfig, id_file: Path) -> NullTracker:
     return _run(cfg, id_file, cfg.name, {"kind": "experiment"})
 
 
+def existing_run(cfg: ExperimentConfig, run_id: str | None) -> NullTracker:
+    """A tracker for a run someone else started (a submitted job closing the experiment's run)."""
+    if not (cfg.tracking.enabled and run_id):
+        return NullTracker()
+    return MlflowTracker(_client(tracking_uri(cfg.tracking)), run_id)
+
+
 def start_stage(
     cfg: ExperimentConfig, stage_name: str, kind: str, id_file: Path, parent_run_id: str | None, primary: bool
 ) -> NullTracker:
