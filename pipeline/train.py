@@ -127,10 +127,10 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         source = checkpoint.init_source(stage.init_from, RunLayout(Path(cfg.output_dir)))
         checkpoint.init_weights(model, source, new_head=stage.kind == "finetune")
     # Another number of ranks than the checkpoint's: load its universal conversion (refused where inexact).
+    zero = eng.zero_stage_of(stage, cfg.deepspeed)
     reshard = False
     if resume_at is not None:
         saved_ranks = checkpoint.saved_world_size(*resume_at)
-        zero = eng.zero_stage_of(stage, cfg.deepspeed)
         checkpoint.check_reshardable(saved_ranks, env.world_size, stage.optim.name, zero)
         reshard = saved_ranks != env.world_size
     ds_config = eng.build_config(stage, cfg.deepspeed, env.world_size, env.device, load_universal=reshard)
@@ -177,7 +177,6 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
             dist.barrier()
             result["checkpoint"] = str(layout.checkpoints / tag)
             if env.is_primary:
-                zero = eng.zero_stage_of(stage, cfg.deepspeed)
                 weights = checkpoint.export(engine, layout, tag, spec, dataset.num_classes, zero, cfg.model.gelu)
                 result["weights"] = str(weights)
                 if cfg.tracking.log_model:
