@@ -91,13 +91,15 @@ def timm_model(spec: MixerSpec) -> torch.nn.Module:
     )
 
 
-def _deepspeed_step(spec: MixerSpec, batch: int, zero_stage: int, compile_model: bool, ds_options: dict) -> Step:
-    """The step `mixer run` takes: DeepSpeed engine, bf16 weights with fp32 master copies, fused AdamW, clipping."""
-    return _engine_step(_deepspeed_engine(spec, batch, zero_stage, compile_model, ds_options))
+def _deepspeed_step(spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict) -> Step:
+    """The step `mixer run` takes: DeepSpeed engine, fused AdamW, clipping; bf16 weights with fp32 master copies,
+    or (`precision: autocast` in `ds_options`) fp32 weights with bf16 matrix products under autocast."""
+    engine = _deepspeed_engine(spec, batch, zero_stage, compile_mode, ds_options)
+    return _engine_step(engine, torch.float32 if ds_options.get("precision") == "autocast" else torch.bfloat16)
 
 
 def _deepspeed_engine(
-    spec: MixerSpec, batch: int, zero_stage: int, compile_model: bool, ds_options: dict
+    spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict
 ) -> eng.Engine:
     stage = StageConfig(
         name="bench",
@@ -107,15 +109,15 @@ def _deepspeed_engine(
         micro_batch=batch,
         optim=OptimConfig(warmup_steps=10),
     )
-    ds = DeepSpeedConfig(zero_stage=zero_stage, precision="bf16", **ds_options)
+    ds = DeepSpeedConfig(**{"zero_stage": zero_stage, "precision": "bf16", **ds_options})
     return eng.build_engine(
-        MlpMixer(spec, NUM_CLASSES), stage, eng.build_config(stage, ds, 1, torch.device("cuda")), compile_model
+        MlpMixer(spec, NUM_CLASSES), stage, eng.build_config(stage, ds, 1, torch.device("cuda")), compile_mode
     )
 
 
-def _engine_step(engine: eng.Engine) -> Step:
+def _engine_step(engine: eng.Engine, dtype: torch.dtype = torch.bfloat16) -> Step:
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = F.cross_entropy(engine(images.to(torch.bfloat16)).float(), labels)
+        loss = F.cross_entropy(engine(images.to(dtype)).float(), labels)
         engine.backward(loss)
         engine.step()
 
@@ -146,16 +148,10 @@ def run_train_bench(
 ) -> dict:
     """Measure each variant in turn on one GPU; returns rows plus the headline numbers."""
     env, spec, images, labels = _one_gpu("train", model, batch)
-    builders: dict[str, Callable[[], Step]] = {
-        "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
-        "timm + compile": lambda: _plain_step(torch.compile(timm_model(spec).cuda())),
-        "ours + compile (no DeepSpeed)": lambda: _plain_step(torch.compile(MlpMixer(spec, NUM_CLASSES).cuda())),
-        "ours DeepSpeed ZeRO-0 + compile": lambda: _deepspeed_step(spec, batch, 0, True, ds_options or {}),
-        "ours DeepSpeed ZeRO-1 + compile": lambda: _deepspeed_step(spec, batch, 1, True, ds_options or {}),
-        "ours DeepSpeed ZeRO-2 + compile": lambda: _deepspeed_step(spec, batch, 2, True, ds_options or {}),
-        "ours DeepSpeed ZeRO-3": lambda: _deepspeed_step(spec, batch, 3, False, ds_options or {}),
-        "ours DeepSpeed ZeRO-2": lambda: _deepspeed_step(spec, batch, 2, False, ds_options or {}),
-    }
+    builders = _builders(spec, batch, ds_options or {})
+    unknown = [name for name in variants if name not in builders]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {list(builders)}")
     rows = []
     for name in variants:
         torch.cuda.empty_cache()
@@ -199,16 +195,47 @@ def run_train_bench(
     }
 
 
-DEFAULT_VARIANTS = ["timm + compile", "ours + compile (no DeepSpeed)", "ours DeepSpeed ZeRO-2 + compile"]
+AUTOTUNE = "max-autotune-no-cudagraphs"
+
+
+def _builders(spec: MixerSpec, batch: int, ds_options: dict) -> dict[str, Callable[[], Step]]:
+    """Every variant by name: timm's model, ours without DeepSpeed, and ours in DeepSpeed's engine per ZeRO stage,
+    compile mode and precision."""
+    builders: dict[str, Callable[[], Step]] = {
+        "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
+        "timm + compile": lambda: _plain_step(torch.compile(timm_model(spec).cuda())),
+        "ours + compile (no DeepSpeed)": lambda: _plain_step(torch.compile(MlpMixer(spec, NUM_CLASSES).cuda())),
+        "ours + max-autotune (no DeepSpeed)": lambda: _plain_step(
+            torch.compile(MlpMixer(spec, NUM_CLASSES).cuda(), mode=AUTOTUNE)
+        ),
+    }
+    for zero in range(4):
+        for compiled, mode in (("", None), (" + compile", "default"), (" + max-autotune", AUTOTUNE)):
+            for precision, suffix in (("bf16", ""), ("autocast", " (autocast)")):
+                name = f"ours DeepSpeed ZeRO-{zero}{compiled}{suffix}"
+                options = {**ds_options, "precision": precision}
+                builders[name] = lambda z=zero, m=mode, o=options: _deepspeed_step(spec, batch, z, m, o)
+    return builders
+
+
+# The headline ("ours") is the first DeepSpeed row: the step the paper configs run (docs/BENCHMARKS.md).
+DEFAULT_VARIANTS = [
+    "timm + compile",
+    "ours DeepSpeed ZeRO-2 + max-autotune (autocast)",
+    "ours + compile (no DeepSpeed)",
+]
 ALL_VARIANTS = [
     "timm eager",
     "timm + compile",
     "ours + compile (no DeepSpeed)",
-    "ours DeepSpeed ZeRO-2",
-    "ours DeepSpeed ZeRO-0 + compile",
-    "ours DeepSpeed ZeRO-1 + compile",
+    "ours + max-autotune (no DeepSpeed)",
+    "ours DeepSpeed ZeRO-2 + max-autotune (autocast)",
+    "ours DeepSpeed ZeRO-2 + compile (autocast)",
     "ours DeepSpeed ZeRO-2 + compile",
-    "ours DeepSpeed ZeRO-3",
+    "ours DeepSpeed ZeRO-1 + compile (autocast)",
+    "ours DeepSpeed ZeRO-0 + compile (autocast)",
+    "ours DeepSpeed ZeRO-2",
+    "ours DeepSpeed ZeRO-3 (autocast)",
 ]
 
 
@@ -217,7 +244,7 @@ def run_checkpoint_bench(model: str, batch: int, saves: int, steps: int, workdir
     (`checkpoint_async`), of the same DeepSpeed ZeRO-2 engine. After each save `steps` training steps run (during
     the background write) before waiting for the checkpoint to be complete."""
     _, spec, images, labels = _one_gpu("checkpoint", model, batch)
-    engine = _deepspeed_engine(spec, batch, 2, False, {})
+    engine = _deepspeed_engine(spec, batch, 2, None, {})
     step = _engine_step(engine)
     _, step_ms = _time(step, images, labels, warmup=3, steps=steps)
     rows = []

@@ -281,7 +281,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from pipeline import bench
 
     variants = bench.ALL_VARIANTS if args.variants == ["all"] else args.variants or bench.DEFAULT_VARIANTS
-    ds_options = {"overlap_comm": args.overlap_comm, "reduce_bucket_size": int(args.bucket)}
+    ds_options = {"reduce_bucket_size": int(args.bucket)}  # overlap_comm is off on one rank
     result = bench.run_train_bench(args.model, args.batch, args.steps, args.warmup, variants, ds_options, args.profile)
     table = Table(
         title=f"Mixer-{args.model}, batch {args.batch}, {result['device']} "
@@ -483,12 +483,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     train.add_argument("--variants", nargs="*", help="variant names, or 'all' (default: timm + compile vs ours)")
     train.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
-    train.add_argument(
-        "--overlap-comm",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="DeepSpeed zero_optimization.overlap_comm",
-    )
     train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
     train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")
     train.set_defaults(func=cmd_bench_train)

@@ -191,10 +191,16 @@ class DeepSpeedConfig:
     """Settings of DeepSpeed's engine that the typed config owns; `pipeline.engine` writes the JSON."""
 
     zero_stage: int = 2  # 0 (plain data parallel), 1, 2 or 3
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
+    # "auto" (bf16 on GPU, fp32 on CPU), "bf16" (bf16 weights, fp32 master copies in the optimiser), "fp32", or
+    # "autocast" (fp32 weights and optimiser, bf16 matrix products under torch.autocast: DeepSpeed's torch_autocast)
+    precision: str = "auto"
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000  # elements
     compile: bool = False  # torch.compile the model (in place: parameter names and checkpoints are unchanged)
+    compile_mode: str = "default"  # torch.compile's mode: "default" or "max-autotune-no-cudagraphs"
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -430,7 +436,8 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
     except ValueError as err:
         raise ConfigError(f"{source}: model: {err}") from err
     _choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", source)
-    _choice(cfg.deepspeed.precision, ("auto", "bf16", "fp32"), "deepspeed.precision", source)
+    _choice(cfg.deepspeed.precision, ("auto", "bf16", "fp32", "autocast"), "deepspeed.precision", source)
+    _choice(cfg.deepspeed.compile_mode, COMPILE_MODES, "deepspeed.compile_mode", source)
     _choice(cfg.launch.device, ("auto", "cuda", "cpu"), "launch.device", source)
     if cfg.launch.nproc_per_node < 1 or cfg.launch.nnodes < 1:
         raise ConfigError(f"{source}: launch.nproc_per_node and launch.nnodes must be >= 1")

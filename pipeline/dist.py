@@ -64,6 +64,14 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=env.device if env.device.type == "cuda" else None,
     )
+    global _host_group
+    if env.device.type == "cuda" and env.world_size > 1:
+        # Host-side numbers (a stop request, a loss total) go over gloo: through NCCL each would need a copy to the
+        # GPU and back, a device synchronisation that stalls the training stream every step.
+        _host_group = torch_dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+_host_group: torch_dist.ProcessGroup | None = None
 
 
 def barrier() -> None:
@@ -71,20 +79,21 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over ranks (identity on one process)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce_host(values: list[float], op: torch_dist.ReduceOp) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(tensor)
+        torch_dist.all_reduce(tensor, op=op, group=_host_group)  # None: the default group, gloo on CPU
     return tensor.tolist()
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise largest over ranks, in one collective (identity on one process)."""
-    tensor = torch.tensor(values, dtype=torch.float32, device=device)
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-    return tensor.tolist()
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few host numbers over ranks (identity on one process); never touches the GPU."""
+    return _all_reduce_host(values, torch_dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise largest of a few host numbers over ranks, in one collective; never touches the GPU."""
+    return _all_reduce_host(values, torch_dist.ReduceOp.MAX)
 
 
 def all_gather_objects(obj: object) -> list:
@@ -97,5 +106,7 @@ def all_gather_objects(obj: object) -> list:
 
 
 def destroy() -> None:
+    global _host_group
+    _host_group = None
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -47,6 +47,11 @@ def uses_bf16(ds: DeepSpeedConfig, device: torch.device) -> bool:
     return ds.precision == "bf16" or (ds.precision == "auto" and device.type == "cuda")
 
 
+def matmul_dtype(ds: DeepSpeedConfig, device: torch.device) -> torch.dtype:
+    """The dtype the matrix products run in (what MFU's peak rate is for); under autocast, not the weights'."""
+    return torch.bfloat16 if uses_bf16(ds, device) or ds.precision == "autocast" else torch.float32
+
+
 def build_config(
     stage: StageConfig, ds: DeepSpeedConfig, world_size: int, device: torch.device, load_universal: bool = False
 ) -> dict:
@@ -64,13 +69,20 @@ def build_config(
         "bf16": {"enabled": uses_bf16(ds, device), "check_grad_overflow": False},
         "zero_optimization": {
             "stage": zero,
-            "overlap_comm": ds.overlap_comm,
+            # One rank has nothing to overlap, and DeepSpeed's overlap synchronises the device at every bucket
+            "overlap_comm": ds.overlap_comm and world_size > 1,
             "contiguous_gradients": True,
             "reduce_bucket_size": ds.reduce_bucket_size,
             "allgather_bucket_size": ds.reduce_bucket_size,
         },
         "steps_per_print": 2**62,  # the loop reports progress itself
+        # DeepSpeed's throughput timer synchronises the device at every forward pass and step by default; the loop
+        # times itself, and those two waits per step left the GPU idle while the host caught up.
+        "timers": {"throughput": {"enabled": False}},
     }
+    if ds.precision == "autocast":
+        # fp32 weights and optimiser, bf16 matrix products: DeepSpeed enters torch.autocast around the forward pass
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     if stage.kind == "eval":
@@ -127,10 +139,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: nn.Module, stage: StageConfig, config: dict, compile_model: bool = False) -> Engine:
-    """deepspeed.initialize with our optimiser choice; the process group must already exist."""
-    if compile_model:
-        model.compile()  # nn.Module.compile keeps parameter names, so checkpoints stay interchangeable
+def build_engine(model: nn.Module, stage: StageConfig, config: dict, compile_mode: str | None = None) -> Engine:
+    """deepspeed.initialize with our optimiser choice; the process group must already exist. `compile_mode`:
+    torch.compile's mode for the model, None for eager."""
+    if compile_mode is not None:
+        model.compile(mode=compile_mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
     if stage.kind == "eval":
         with _quiet():
             engine, *_ = deepspeed.initialize(model=model, config=config)

@@ -12,19 +12,18 @@ import sys
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from pipeline import checkpoint, dist, tracking
 from pipeline import engine as eng
 from pipeline.config import ConfigError, ExperimentConfig, FewShotConfig, StageConfig, flatten, to_dict
-from pipeline.data.gpu import GpuAugment, gpu_prepare, pack
+from pipeline.data.gpu import GpuAugment, Prefetched, gpu_prepare, pack
 from pipeline.data.shards import ShardIndex, read_index
 from pipeline.data.sources import training_sources
 from pipeline.data.stream import TrainStream, cpu_prepare, eval_batches, seed_of, stream_plan
@@ -136,7 +135,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     ds_config = eng.build_config(stage, cfg.deepspeed, env.world_size, env.device, load_universal=reshard)
     if env.is_primary:
         layout.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
-    engine = eng.build_engine(model, stage, ds_config, cfg.deepspeed.compile)
+    engine = eng.build_engine(model, stage, ds_config, cfg.deepspeed.compile_mode if cfg.deepspeed.compile else None)
     start_step, data_state, changes = 0, None, []
     fingerprint = stage_fingerprint(cfg, stage, spec) if stage.kind != "eval" else {}
     if resume_at is not None:
@@ -230,9 +229,9 @@ class Preemption:
     def _request(self, signum: int, frame: object) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device, save_due: bool = False) -> tuple[bool, bool]:
+    def agreed(self, save_due: bool = False) -> tuple[bool, bool]:
         """(stop requested on any rank, a time-based save due on any rank), in one collective."""
-        stop, due = dist.all_reduce_max([float(self.requested), float(save_due)], device)
+        stop, due = dist.all_reduce_max([float(self.requested), float(save_due)])
         return stop > 0, due > 0
 
 
@@ -258,7 +257,7 @@ class StageRunner:
         self.image_size = spec.image_size
         self.preemption = Preemption()
         self.dtype = torch.bfloat16 if eng.uses_bf16(cfg.deepspeed, env.device) else torch.float32
-        self.stream: TrainStream | None = None
+        self.stream: TrainStream | Prefetched | None = None
         self.metrics: dict[str, float] = {}
         self.bad_log: list[dict] = []
         self.bad_logged_at, self.bad_unlogged = 0.0, False
@@ -293,20 +292,20 @@ class StageRunner:
         self.tracker.log_metrics({"checkpoint/save_s": self.last_save - started}, step)
         return tag
 
-    def _train_stream(self, data_state: dict | None) -> tuple[TrainStream, Callable | None]:
+    def _train_stream(self, data_state: dict | None) -> TrainStream | Prefetched:
         stage, env, data = self.stage, self.env, self.cfg.data
         sources = training_sources(self.dataset, RunLayout(Path(self.cfg.output_dir)).data_index)
         plan = stream_plan(self.cfg, stage, env.rank, env.world_size, sources)
         if data.decode == "gpu":
             if env.device.type != "cuda":
                 raise ConfigError("data.decode=gpu needs a CUDA device; use data.decode=cpu here")
-            prepare, collate = gpu_prepare(stage.augment), pack
-            finish = GpuAugment(stage.augment, self.image_size, env.device)
-        else:
-            prepare, finish = cpu_prepare(train_transform(stage.augment, self.image_size)), None
-            collate = default_collate  # stacks straight into shared memory inside a loader worker
-        stream = TrainStream(plan, prepare, collate=collate, state=data_state, max_bad_fraction=data.max_bad_fraction)
-        return stream, finish
+            stream = TrainStream(
+                plan, gpu_prepare(stage.augment), collate=pack, state=data_state, max_bad_fraction=data.max_bad_fraction
+            )
+            return Prefetched(stream, GpuAugment(stage.augment, self.image_size, env.device))
+        # default_collate stacks straight into shared memory inside a loader worker
+        prepare = cpu_prepare(train_transform(stage.augment, self.image_size))
+        return TrainStream(plan, prepare, state=data_state, max_bad_fraction=data.max_bad_fraction)
 
     def _report_bad_data(self, final: bool) -> dict:
         """Bad samples of all ranks: counts as metrics; shard URL + key of each to `data/bad_samples.jsonl`
@@ -314,7 +313,7 @@ class StageRunner:
         stream = self.stream
         events = list(stream.new_bad)
         stream.new_bad.clear()
-        bad, read = dist.all_reduce_sum([stream.bad, stream.read], self.env.device)
+        bad, read = dist.all_reduce_sum([stream.bad, stream.read])
         gathered = [e for part in dist.all_gather_objects(events) for e in part]
         self.bad_log.extend(gathered)
         del self.bad_log[: max(0, len(self.bad_log) - 10_000)]
@@ -325,21 +324,21 @@ class StageRunner:
         return {"data/bad_samples": bad, "data/bad_fraction": bad / max(read, 1)}
 
     def train(self, start_step: int, data_state: dict | None) -> dict:
-        self.stream, finish = self._train_stream(data_state)
+        self.stream = self._train_stream(data_state)
         try:
-            self._train_steps(start_step, finish)
+            self._train_steps(start_step)
         finally:
             # Loader workers ignore SIGTERM (see stream); they must be stopped here, or exit would wait on them.
             self.stream.close()
         return {**self.metrics, **self.evaluate(self.stage.steps)}
 
-    def _train_steps(self, start_step: int, finish: Callable | None) -> None:
+    def _train_steps(self, start_step: int) -> None:
         stage, env = self.stage, self.env
         batches = self.stream
         step_seed = seed_of(self.cfg.seed, zlib.crc32(stage.name.encode()), env.rank)
         mix = batch_transform(stage.augment, self.dataset.num_classes)
         flops_per_image = train_flops_per_image(self.spec, self.dataset.num_classes)
-        peak, estimated = peak_flops(env.device, self.dtype)
+        peak, estimated = peak_flops(env.device, eng.matmul_dtype(self.cfg.deepspeed, env.device))
         # Tags, not params: a resumed run may measure a slightly different estimate, and params never change.
         self.tracker.set_tags(
             {
@@ -367,8 +366,6 @@ class StageRunner:
             torch.manual_seed(seed_of(step_seed, step))
             for _ in range(accumulation):
                 images, labels = next(batches)
-                if finish is not None:
-                    images = finish(images)
                 images, labels = self._to_device(images, labels)
                 if mix is not None:
                     images, labels = mix(images, labels)  # labels: (B, classes) probabilities
@@ -379,14 +376,14 @@ class StageRunner:
             window_steps += 1
             bar.update(1)
             if step % stage.log_every == 0 or step == stage.steps:
-                total, count = dist.all_reduce_sum([loss_sum.item(), window_steps * accumulation], env.device)
+                total, count = dist.all_reduce_sum([loss_sum.item(), window_steps * accumulation])
                 mean_loss = total / count
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"stage {stage.name}: loss is {mean_loss} at step {step}")
                 elapsed = time.time() - window_start
                 img_per_s = window_steps * images_per_step / elapsed
                 if env.device.type == "cuda":  # the fullest card decides what fits
-                    gib = dist.all_reduce_max([torch.cuda.max_memory_allocated(env.device) / 2**30], env.device)
+                    gib = dist.all_reduce_max([torch.cuda.max_memory_allocated(env.device) / 2**30])
                     metrics_extra = {"train/peak_mem_gib": gib[0]}
                 else:
                     metrics_extra = {}
@@ -410,7 +407,7 @@ class StageRunner:
                 window_start = time.time()
             minutes = stage.checkpoint_every_minutes
             late = minutes > 0 and time.time() - self.last_save > 60 * minutes
-            stop, late = self.preemption.agreed(env.device, late)  # ranks' clocks differ: agree on both
+            stop, late = self.preemption.agreed(late)  # ranks' clocks differ: agree on both
             scheduled = late or (stage.checkpoint_every and step % stage.checkpoint_every == 0)
             if step != stage.steps and (scheduled or stop):  # a stop saves too, once, and waits for it
                 self.save(step, wait=stop)
@@ -462,7 +459,7 @@ class StageRunner:
             correct5 += (top == labels[:, None]).any(dim=-1).sum().item()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             seen += labels.numel()
-        correct1, correct5, loss_sum, seen = dist.all_reduce_sum([correct1, correct5, loss_sum, seen], self.env.device)
+        correct1, correct5, loss_sum, seen = dist.all_reduce_sum([correct1, correct5, loss_sum, seen])
         if seen == 0:
             raise RuntimeError(f"no readable samples in {index.root}")
         return {

@@ -1,7 +1,7 @@
 import torch
 
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
-from pipeline.engine import BackgroundCheckpointEngine, build_config, param_groups
+from pipeline.engine import BackgroundCheckpointEngine, build_config, matmul_dtype, param_groups
 from pipeline.models.mixer import MixerSpec, MlpMixer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -36,6 +36,17 @@ def test_precision_and_zero_stage_follow_device_and_stage_override():
     assert config["optimizer"]["params"]["fused"] is True
     assert config["zero_optimization"]["stage"] == 3
     assert build_config(stage(), DeepSpeedConfig(precision="fp32"), 1, GPU)["bf16"]["enabled"] is False
+
+
+def test_autocast_keeps_fp32_weights_and_bf16_matmuls_and_no_step_syncs():
+    config = build_config(stage(), DeepSpeedConfig(precision="autocast"), 1, GPU)
+    assert config["bf16"]["enabled"] is False
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert matmul_dtype(DeepSpeedConfig(precision="autocast"), GPU) == torch.bfloat16  # MFU's peak
+    assert matmul_dtype(DeepSpeedConfig(), CPU) == torch.float32
+    assert "torch_autocast" not in build_config(stage(), DeepSpeedConfig(), 1, GPU)
+    # DeepSpeed's throughput timer would synchronise the device twice per step
+    assert config["timers"]["throughput"]["enabled"] is False
 
 
 def test_eval_stage_has_no_optimizer():

@@ -546,7 +546,7 @@ class TrainStream:
             * self.plan.world_size
             * self.plan.micro_batch,
             "layout": self.plan.layout(),
-            "workers": places,
+            "workers": list(places),  # a copy: the stream replaces its entries as it reads on
             "read": self.read,
             "bad": self.bad,
         }

@@ -6,6 +6,8 @@ Loader workers stay in uint8 from decode to batch (a quarter of float32's bytes 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
@@ -26,9 +28,16 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     """uint8 (B, 3, H, W) -> standardised `dtype` (floats pass through unchanged: mixed batches already are)."""
     if images.dtype != torch.uint8:
         return images.to(dtype)
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    mean, inv_std = _statistics(images.device)
     return ((images.float() - mean) * inv_std).to(dtype)
+
+
+@functools.cache
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and 1/std in uint8 units, made once per device: a host-to-GPU copy per batch would make
+    the host wait for the GPU to drain every step."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    return mean.to(device), (1 / (torch.tensor(STD).view(1, 3, 1, 1) * 255)).to(device)
 
 
 def train_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:

@@ -7,7 +7,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import AugmentConfig
-from pipeline.data.gpu import GpuAugment, GpuPrepare, pack
+from pipeline.data.gpu import GpuAugment, GpuPrepare, Prefetched, pack
 from pipeline.data.shards import read_index
 from pipeline.data.stream import StreamPlan, TrainStream
 from pipeline.data.transforms import decode
@@ -60,3 +60,44 @@ def test_gpu_prepared_stream_resumes_exactly(shapes_shards):
             torch.manual_seed(step)
             tail.append(augment(next(stream)[0]))
     assert [torch.equal(a, b) for a, b in zip(head + tail, reference)] == [True] * 10
+
+
+def test_prefetched_stream_hands_out_the_same_batches_and_the_position_of_those(shapes_shards):
+    """One batch ahead on a thread: same images (RandAugment still drawn per step by the caller), and the saved
+    position and bad counts are those of the batches handed out, so a resume continues where training was."""
+    index = read_index(shapes_shards)
+    from pipeline.data.sources import Source
+
+    source = Source("s", tuple(index.urls), index.counts)
+    plan = StreamPlan((source,), "split", 0, 1, 1, 8, 2, 50, 300)
+    cfg = AugmentConfig(randaugment_magnitude=5)
+    augment = GpuAugment(cfg, 16, torch.device("cpu"))
+
+    def run(stream, steps):
+        out = []
+        for step in steps:
+            torch.manual_seed(step)
+            images, labels = next(stream)
+            out.append((images.clone(), labels))
+        return out
+
+    reference = []
+    with TrainStream(plan, GpuPrepare(cfg), collate=pack) as plain:
+        for step in range(8):
+            torch.manual_seed(step)
+            batch, labels = next(plain)
+            reference.append((augment(batch), labels))
+    with TrainStream(plan, GpuPrepare(cfg), collate=pack) as plain:
+        for _ in range(3):
+            next(plain)
+        reference_state = plain.state()
+    prefetched = Prefetched(TrainStream(plan, GpuPrepare(cfg), collate=pack), augment)
+    head = run(prefetched, range(3))
+    state = prefetched.state()
+    prefetched.close()
+    assert state == reference_state and prefetched.read == reference_state["read"]
+    resumed = Prefetched(TrainStream(plan, GpuPrepare(cfg), collate=pack, state=state), augment)
+    tail = run(resumed, range(3, 8))
+    resumed.close()
+    for (a, la), (b, lb) in zip(head + tail, reference, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)

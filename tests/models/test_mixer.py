@@ -116,3 +116,37 @@ def test_grown_token_mixing_is_block_diagonal():
     w0 = state["blocks.0.token_mixing.dense_0.weight"]  # (K^2 D_S, K^2 S) = (16, 16)
     # Four sub-grids, each a (D_S=4) x (S=4) block; every other weight is zero.
     assert w0.shape == (16, 16) and torch.count_nonzero(w0) == 4 * 4 * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_compiled_bf16_autocast_model_matches_eager_fp32_logits_and_gradients(mode):
+    """The fast path (`deepspeed.compile`, `precision: autocast`) against the plain eager fp32 model: the same
+    logits and gradients up to bf16 rounding (its 8-bit mantissa gives ~0.4% per product)."""
+    torch.manual_seed(0)
+    spec = MixerSpec(2, 4, 32, 16, 64, 16)
+    eager = MlpMixer(spec, num_classes=5)
+    torch.nn.init.normal_(eager.head.weight, std=0.2)  # a zero head would make every logit and most gradients 0
+    fast = MlpMixer(spec, num_classes=5)
+    fast.load_state_dict(eager.state_dict())
+    fast.compile(mode=mode)
+    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+
+    def run(model, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(images).float()
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    ref_logits, ref_grads = run(eager, autocast=False)
+    eager.zero_grad()
+    bf16_logits, bf16_grads = run(eager, autocast=True)  # the same bf16 rounding, uncompiled: the noise floor
+    logits, grads = run(fast, autocast=True)
+    scale = ref_logits.abs().max()
+    assert (logits - ref_logits).abs().max() <= max(0.02 * scale, 2 * (bf16_logits - ref_logits).abs().max())
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        err, noise = (grads[name] - grad).norm(), (bf16_grads[name] - grad).norm()
+        # within 3% of the gradient, or no further off than eager bf16 (token-mixing output biases shift a token's
+        # channels alike, which every later LayerNorm removes: their true gradient is 0, only noise is left)
+        assert err <= max(0.03 * grad.norm(), 2 * noise), f"{name}: error {err:.3g}, eager bf16 {noise:.3g}"
