@@ -228,6 +228,9 @@ class TrackingConfig:
     # Each training stage's exported weights (model.safetensors + model.json) as the run's `model` artifact, and a
     # version of the registered model named like the experiment where the store has a registry; false: model.json only
     log_model: bool = True
+    # Tracking calls go to the server from a background thread; a run waits this long at its end for those a
+    # server outage held up, then reports the rest as dropped (tag tracking/dropped_values) and ends anyway.
+    flush_timeout_s: float = 120.0
 
 
 @dataclass

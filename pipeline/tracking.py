@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,6 +20,7 @@ from pipeline.config import ExperimentConfig, TrackingConfig
 DEFAULT_STORE = Path("runs") / "mlflow.db"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 MODEL_ARTIFACT = "model"  # a training stage's exported weights and model.json, under the run's artifacts
+log = logging.getLogger(__name__)
 
 
 class NullTracker:
@@ -47,39 +51,172 @@ class NullTracker:
         pass
 
 
-class MlflowTracker(NullTracker):
-    """One MLflow run, written through `MlflowClient` (no global active-run state)."""
+def _refused(err: Exception) -> bool:
+    """An answer from the tracking store that a retry would get again (bad request, no such run): HTTP 4xx."""
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    return isinstance(err, MlflowException) and 400 <= err.get_http_status_code() < 500
+
+
+class _Sender:
+    """Runs a tracker's calls on a background thread, in order, so that training never waits for the tracking
+    server. A call that fails (server down or unreachable, after MLflow's own HTTP retries) stays first in line
+    and is retried with back-off; metrics logged meanwhile are kept, up to `max_pending` values (the oldest are
+    dropped beyond that, and counted), and sent in batches of up to 1,000 once the server is back."""
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(
+        self, send_metrics: Callable[[list], None], max_pending: int = 200_000, retry_max_s: float = 30.0
+    ) -> None:
+        self.send_metrics, self.max_pending, self.retry_max_s = send_metrics, max_pending, retry_max_s
+        self.pending: deque[tuple[str, Any]] = deque()  # ("metrics", [Metric]) or (kind, call)
+        self.pending_values = 0  # metric values waiting
+        self.dropped = 0  # metric values given up on
+        self.failures = 0  # failed attempts, all calls
+        self.last_error: str | None = None
+        self._cond = threading.Condition()
+        self._busy = 0  # how many items at the front of `pending` the thread is sending now
+        self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], Any], kind: str = "call") -> None:
+        with self._cond:
+            self.pending.append((kind, call))
+            self._cond.notify_all()
+
+    def submit_metrics(self, metrics: list) -> None:
+        with self._cond:
+            self.pending.append(("metrics", metrics))
+            self.pending_values += len(metrics)
+            while self.pending_values > self.max_pending:  # drop the oldest metrics not being sent right now
+                index = next(
+                    (i for i, (kind, _) in enumerate(self.pending) if kind == "metrics" and i >= self._busy), None
+                )
+                if index is None:
+                    break
+                self._forget(index)
+            self._cond.notify_all()
+
+    def _forget(self, index: int) -> None:
+        kind, payload = self.pending[index]
+        del self.pending[index]
+        if kind == "metrics":
+            self.pending_values -= len(payload)
+            self.dropped += len(payload)
+
+    def _next_call(self) -> tuple[str, Callable[[], Any], int]:
+        """The front of the queue as one call: consecutive metric batches merged up to BATCH values."""
+        kind, payload = self.pending[0]
+        if kind != "metrics":
+            return kind, payload, 1
+        metrics, count = list(payload), 1
+        while count < len(self.pending) and self.pending[count][0] == "metrics":
+            more = self.pending[count][1]
+            if len(metrics) + len(more) > self.BATCH:
+                break
+            metrics.extend(more)
+            count += 1
+        return kind, lambda: self.send_metrics(metrics), count
+
+    def _run(self) -> None:
+        delay = 1.0
+        while True:
+            with self._cond:
+                while not self.pending:
+                    self._cond.wait()
+                kind, call, count = self._next_call()
+                self._busy = count
+            try:
+                call()
+            except Exception as err:  # noqa: BLE001 - whatever the client raised: retried, or dropped if refused
+                with self._cond:
+                    self._busy = 0
+                    if _refused(err):  # the server answered and said no (4xx): sending it again cannot help
+                        log.warning("MLflow refused a %s call, dropped: %s", kind, str(err)[:300])
+                        for _ in range(count):
+                            self._forget(0)
+                        self._cond.notify_all()
+                        continue
+                    self.failures += 1
+                    self.last_error = f"{type(err).__name__}: {str(err)[:300]}"
+                    if self.failures == 1 or self.failures % 20 == 0:
+                        log.warning("MLflow unreachable (%s); training goes on, retrying", self.last_error)
+                    self._cond.wait(delay)
+                delay = min(2 * delay, self.retry_max_s)
+                continue
+            delay = 1.0
+            with self._cond:
+                for _ in range(count):
+                    kind, payload = self.pending.popleft()
+                    if kind == "metrics":
+                        self.pending_values -= len(payload)
+                self._busy = 0
+                self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything submitted so far has been sent, at most `timeout_s`; True if it was."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+        return True
+
+    def abandon(self) -> int:
+        """Give up on what is still pending (the sender keeps trying only its current call); metric values lost."""
+        with self._cond:
+            before = self.dropped
+            while len(self.pending) > self._busy:
+                self._forget(len(self.pending) - 1)
+            return self.dropped - before
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run, written through `MlflowClient` (no global active-run state). Params, metrics, tags and
+    artifacts go through a `_Sender`: a tracking server that is down delays them but never stops training.
+    `finish` waits up to `flush_timeout_s` for them; values that could not be sent by then are reported as
+    dropped (a warning, and the run's `tracking/dropped_values` tag when the server is back)."""
+
+    def __init__(self, client: Any, run_id: str, flush_timeout_s: float = 120.0) -> None:
         self.client = client
         self.run_id = run_id
+        self.flush_timeout_s = flush_timeout_s
+        self.sender = _Sender(lambda metrics: self.client.log_batch(self.run_id, metrics=metrics))
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, "None" if v is None else str(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+            chunk = items[i : i + MAX_PARAMS_PER_BATCH]
+            self.sender.submit(lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk), "params")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        now = int(time.time() * 1000)  # the time it was measured, however late it reaches the server
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.sender.submit_metrics(batch)
 
     def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        self.sender.submit(lambda: self.client.log_artifact(self.run_id, str(path)), "artifact")
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.sender.submit(lambda: self.client.log_text(self.run_id, text, artifact_file), "artifact")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.sender.submit(lambda key=key, value=value: self.client.set_tag(self.run_id, key, value), "tag")
 
     def log_model(self, files: list[Path], registered_name: str | None, tags: dict[str, str]) -> None:
         """`files` as the run's `model` artifact; with `registered_name`, also a new version of that registered
         model (created if missing). A store without a registry gets a `model_registry` tag saying why instead."""
+        self.sender.submit(lambda: self._log_model(files, registered_name, tags), "model")
+
+    def _log_model(self, files: list[Path], registered_name: str | None, tags: dict[str, str]) -> None:
         from mlflow.exceptions import MlflowException
 
         for path in files:
@@ -94,12 +231,28 @@ class MlflowTracker(NullTracker):
                 self.client.create_registered_model(registered_name)
             version = self.client.create_model_version(registered_name, source, run_id=self.run_id, tags=tags)
         except MlflowException as err:
-            self.set_tags({"model_registry": f"unavailable: {err.message[:200]}"})
+            if err.get_http_status_code() >= 500:
+                raise  # the server, not the store: retried
+            self.client.set_tag(self.run_id, "model_registry", f"unavailable: {err.message[:200]}")
             return
-        self.set_tags({"model_version": f"{registered_name}/{version.version}"})
+        self.client.set_tag(self.run_id, "model_version", f"{registered_name}/{version.version}")
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return self.sender.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        if not self.flush():
+            lost = self.sender.abandon()
+            log.warning(
+                "MLflow run %s: %d metric values and other pending calls not sent within %.0f s (%s); dropped",
+                self.run_id, lost, self.flush_timeout_s, self.sender.last_error,
+            )  # fmt: skip
+        try:
+            if self.sender.dropped:
+                self.client.set_tag(self.run_id, "tracking/dropped_values", str(self.sender.dropped))
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as err:  # noqa: BLE001 - the run's work is done; its record is what is missing
+            log.warning("MLflow run %s could not be marked %s: %s", self.run_id, status, err)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -112,7 +265,8 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{DEFAULT_STORE.resolve()}"
 
 
-def _client(uri: str) -> Any:
+def open_client(uri: str) -> Any:
+    """An MlflowClient on `uri`, with MLflow's start-up chatter quietened."""
     from mlflow.tracking import MlflowClient
 
     # MLflow and Alembic announce every schema migration of a new SQLite store at INFO.
@@ -129,24 +283,33 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     if uri.startswith("sqlite:"):
         # Keep a local store's artifacts beside its database, not in whatever directory we run from.
         location = (Path(urlparse(uri).path).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:  # another run on the same server created it a moment ago
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        log.debug("experiment %s created concurrently: %s", name, err)
+        return experiment.experiment_id
 
 
 def _run(cfg: ExperimentConfig, id_file: Path, run_name: str, tags: dict[str, str]) -> NullTracker:
     """Continue the run whose id is in `id_file` (a rerun after a kill), else start one and remember it."""
     uri = tracking_uri(cfg.tracking)
-    client = _client(uri)
+    client = open_client(uri)
     if id_file.exists():
         run_id = id_file.read_text().strip()
         client.update_run(run_id, status="RUNNING")
-        tracker = MlflowTracker(client, run_id)
+        tracker = MlflowTracker(client, run_id, cfg.tracking.flush_timeout_s)
         tracker.resumed = True
         tracker.set_tags({"resumed": "true"})
         return tracker
     experiment_id = _experiment_id(client, cfg.tracking.experiment or cfg.name, uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     id_file.write_text(run.info.run_id)
-    return MlflowTracker(client, run.info.run_id)
+    return MlflowTracker(client, run.info.run_id, cfg.tracking.flush_timeout_s)
 
 
 def start_parent(cfg: ExperimentConfig, id_file: Path) -> NullTracker:
@@ -160,7 +323,7 @@ def existing_run(cfg: ExperimentConfig, run_id: str | None) -> NullTracker:
     """A tracker for a run someone else started (a submitted job closing the experiment's run)."""
     if not (cfg.tracking.enabled and run_id):
         return NullTracker()
-    return MlflowTracker(_client(tracking_uri(cfg.tracking)), run_id)
+    return MlflowTracker(open_client(tracking_uri(cfg.tracking)), run_id, cfg.tracking.flush_timeout_s)
 
 
 def start_stage(
