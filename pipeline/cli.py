@@ -260,6 +260,35 @@ def cmd_weights_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """An experiment's stage runs side by side (key and differing settings, final metrics, throughput) and a PNG of
+    their curves."""
+    from pipeline import compare, tracking
+    from pipeline.config import TrackingConfig
+
+    uri = args.uri or tracking.tracking_uri(TrackingConfig())
+    metrics = tuple(args.metrics)
+    try:
+        runs = compare.stage_runs(tracking.open_client(uri), args.experiment, args.stage, args.max_runs, metrics)
+    except LookupError as err:
+        print(f"mixer: error: {err} in {uri}", file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"mixer: error: experiment {args.experiment!r} has no stage runs in {uri}", file=sys.stderr)
+        return 2
+    columns, rows = compare.table_rows(runs)
+    table = Table(title=f"{args.experiment}: {len(runs)} stage runs ({uri})")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "status") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    png = Path(args.png or f"{args.experiment.replace('/', '_')}-compare.png")
+    compare.plot(runs, metrics, png, f"{args.experiment}: {', '.join(metrics)}")
+    console.print(f"curves: {png}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A sharded checkpoint -> consolidated fp32 weights (safetensors) + model.json, loadable with no DeepSpeed."""
     from pipeline import checkpoint
@@ -464,6 +493,18 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--out", help="index file to write (default: index.json beside the shards)")
     index.add_argument("--classes", help="comma-separated class names, for labels given as names")
     index.set_defaults(func=cmd_shards_index)
+
+    cmp = sub.add_parser(
+        "compare", help="an experiment's stage runs side by side, and a PNG of their curves",
+        description=cmd_compare.__doc__,
+    )  # fmt: skip
+    cmp.add_argument("experiment", help="MLflow experiment name (a config's `name`)")
+    cmp.add_argument("--stage", help="only this stage's runs (e.g. pretrain)")
+    cmp.add_argument("--metrics", nargs="+", default=["train/loss", "eval/top1"], help="curves to plot")
+    cmp.add_argument("--png", help="where to write the plot (default: <experiment>-compare.png)")
+    cmp.add_argument("--max-runs", type=int, default=20, help="the most recent this many stage runs")
+    cmp.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    cmp.set_defaults(func=cmd_compare)
 
     export = sub.add_parser(
         "export", help="sharded checkpoint -> consolidated safetensors", description=cmd_export.__doc__
