@@ -128,7 +128,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except SubmitError as err:
         print(f"mixer: error: {err}", file=sys.stderr)
         return 1
-    table = Table(title=f"{cfg.name}: {'submitted to Slurm' if args.to == 'slurm' else 'job files'}")
+    titles = {"slurm": "submitted to Slurm", "k8s": "applied to Kubernetes", "print": "job files"}
+    table = Table(title=f"{cfg.name}: {titles[args.to]}")
     for column in ("stage", "job file", "job id"):
         table.add_column(column)
     for job in jobs:
@@ -464,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("config", help="experiment YAML")
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    submit.add_argument("--to", choices=["slurm", "print"], default="slurm", help="print: write the job files only")
+    submit.add_argument(
+        "--to",
+        choices=["slurm", "k8s", "print"],
+        default="slurm",
+        help="slurm: sbatch, chained; k8s: kubectl apply Kubeflow PyTorchJobs (needs cluster.image); print: files only",
+    )
     submit.set_defaults(func=cmd_submit)
 
     models = sub.add_parser(

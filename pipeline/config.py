@@ -262,6 +262,13 @@ class ClusterConfig:
     # Values are strings: quote numbers in YAML (NCCL_IB_DISABLE: "1").
     env: dict[str, str] = field(default_factory=dict)
     stages: dict[str, ClusterJobConfig] = field(default_factory=dict)  # per-stage overrides, by stage name
+    # Kubernetes (`mixer submit --to k8s`): Kubeflow PyTorchJobs, one pod per node.
+    image: str | None = None  # the training image (docker/Dockerfile builds one)
+    namespace: str = "default"
+    # PersistentVolumeClaim name -> mount path in every pod: shards, output_dir (checkpoints, the resolved config)
+    volumes: dict[str, str] = field(default_factory=dict)
+    shm_gib: int = 16  # /dev/shm of each pod (a memory-backed volume): loader workers hand batches over there
+    backoff_limit: int = 20  # pod restarts a stage may use (each preemption's resume is one)
 
     def job(self, stage: str) -> ClusterJobConfig:
         """Stage `stage`'s resources: its overrides over the defaults."""
