@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -154,6 +155,10 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         if reshard:
             tags["resumed_world_size"] = f"{saved_ranks} -> {env.world_size} ranks (universal checkpoint)"
         tracker.set_tags(tags)
+    # Where and how this attempt ran (a requeued job may land elsewhere): the world and the communication settings.
+    launched = {"launch/world_size": str(env.world_size), "launch/device": str(env.device.type)}
+    launched |= {f"env/{k}": v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_"))}
+    tracker.set_tags(launched)
     if not tracker.resumed:
         tracker.log_params(stage_params(cfg, stage))
         tracker.log_artifact(Path(cfg.output_dir) / "config.yaml")

@@ -102,7 +102,7 @@ def _mixer_args(out: Path, data: Path, *extra: str) -> list[str]:
 
 
 def test_two_runs_at_once_over_http_keep_their_own_runs(server, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "PYTHONUNBUFFERED": "1", "NCCL_SOCKET_IFNAME": "lo"}
     procs = [
         subprocess.Popen(
             [
@@ -132,6 +132,8 @@ def test_two_runs_at_once_over_http_keep_their_own_runs(server, tmp_path):
         pretrain = next(r for r in children if r.data.tags["stage"] == "pretrain")
         assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "train/loss")] == [2, 4, 6]
         assert pretrain.data.metrics["eval/top1"] >= 0
+        # each stage run records where it ran and with which communication settings
+        assert pretrain.data.tags["launch/world_size"] == "1" and pretrain.data.tags["env/NCCL_SOCKET_IFNAME"] == "lo"
         # artifacts went through the server into its artifact store
         assert "model" in [a.path for a in client.list_artifacts(pretrain.info.run_id)]
 
