@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser(
         "submit",
-        help="submit every stage as a cluster job (Slurm), chained",
+        help="submit every stage as a cluster job (Slurm or Kubernetes), chained",
         description=cmd_submit.__doc__ + " Job files go to <output_dir>/jobs/; resources come from the config's "
         "`cluster:` section (per-stage overrides under cluster.stages.<name>).",
     )

@@ -106,7 +106,7 @@ def _label(text: str) -> str:
 
 
 def k8s_check(cfg: ExperimentConfig, layout: RunLayout) -> None:
-    """What PyTorchJobs need from the config, before anything is written."""
+    """What `--to k8s` needs, checked before any data is generated or file written."""
     if not cfg.cluster.image:
         raise SubmitError("'cluster.image' is required for Kubernetes jobs (docker/Dockerfile builds one)")
     root = layout.root.resolve()
@@ -115,6 +115,8 @@ def k8s_check(cfg: ExperimentConfig, layout: RunLayout) -> None:
             f"output_dir {root} is on none of cluster.volumes' mount paths {sorted(cfg.cluster.volumes.values())}: "
             "the pods would not see the run's config and checkpoints"
         )
+    if shutil.which("kubectl") is None:
+        raise SubmitError("kubectl is not on PATH; `--to print` writes the manifests for applying elsewhere")
 
 
 def pytorchjob(
@@ -192,28 +194,27 @@ def submit(cfg: ExperimentConfig, to: str) -> list[Job]:
     stage under `<output_dir>/jobs/`: a Slurm script, and with `cluster.image` set a Kubeflow PyTorchJob and its
     DeepSpeed hostfile. `to="slurm"`: sbatch each with `--dependency=afterok` on the one before; `to="k8s"`:
     `kubectl apply` each (their init containers wait for the stage before); `to="print"`: write only."""
-    layout = stages.prepare(cfg)
     if to == "k8s":
-        k8s_check(cfg, layout)
-    if to == "k8s" and shutil.which("kubectl") is None:
-        raise SubmitError("kubectl is not on PATH; `--to print` writes the manifests for applying elsewhere")
+        stages.resolve_output_dir(cfg)
+        k8s_check(cfg, RunLayout(Path(cfg.output_dir)))
+    layout = stages.prepare(cfg)
     (layout.root / "jobs").mkdir(exist_ok=True)
     parent = stages.open_parent(cfg, layout)
     todo = [s for s in cfg.stages if layout.stage(s.name).read_result() is None]
-    jobs, previous, before = [], None, None
+    jobs, previous_job, previous_stage = [], None, None
     for stage in todo:
         last = stage is todo[-1]
         path = layout.root / "jobs" / f"{stage.name}.sbatch"
         path.write_text(slurm_script(cfg, layout, stage, parent.run_id or "", last))
         if cfg.cluster.image:
-            manifest = pytorchjob(cfg, layout, stage, parent.run_id or "", last, before)
+            manifest = pytorchjob(cfg, layout, stage, parent.run_id or "", last, previous_stage)
             k8s_path = layout.root / "jobs" / f"{stage.name}.pytorchjob.yaml"
             k8s_path.write_text(yaml.dump(manifest, Dumper=_PlainDumper, sort_keys=False, width=1000))
-            slots = max(1, cfg.launch.nproc_per_node)
-            (layout.root / "jobs" / f"{stage.name}.hostfile").write_text(hostfile(manifest, slots))
+            hosts = hostfile(manifest, cfg.launch.nproc_per_node)
+            (layout.root / "jobs" / f"{stage.name}.hostfile").write_text(hosts)
             if to == "k8s":
                 path = k8s_path
-        before = stage.name
+        previous_stage = stage.name
         job = Job(stage.name, path)
         if to == "k8s":
             proc = subprocess.run(["kubectl", "apply", "-f", str(path)], capture_output=True, text=True)
@@ -222,11 +223,11 @@ def submit(cfg: ExperimentConfig, to: str) -> list[Job]:
             job.job_id = proc.stdout.strip()
         if to == "slurm":
             cmd = ["sbatch", "--parsable"]
-            if previous is not None:
-                cmd.append(f"--dependency=afterok:{previous}")
+            if previous_job is not None:
+                cmd.append(f"--dependency=afterok:{previous_job}")
             proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SubmitError(f"sbatch refused {path}: {proc.stderr.strip()}")
-            job.job_id = previous = proc.stdout.strip().split(";")[0]
+            job.job_id = previous_job = proc.stdout.strip().split(";")[0]
         jobs.append(job)
     return jobs

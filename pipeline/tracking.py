@@ -95,15 +95,17 @@ class _Sender:
                 )
                 if index is None:
                     break
-                self._forget(index)
+                self._remove(index, sent=False)
             self._cond.notify_all()
 
-    def _forget(self, index: int) -> None:
+    def _remove(self, index: int, sent: bool) -> None:
+        """Take item `index` off the queue; metric values that were not sent count as dropped."""
         kind, payload = self.pending[index]
         del self.pending[index]
         if kind == "metrics":
             self.pending_values -= len(payload)
-            self.dropped += len(payload)
+            if not sent:
+                self.dropped += len(payload)
 
     def _next_call(self) -> tuple[str, Callable[[], Any], int]:
         """The front of the queue as one call: consecutive metric batches merged up to BATCH values."""
@@ -135,7 +137,7 @@ class _Sender:
                     if _refused(err):  # the server answered and said no (4xx): sending it again cannot help
                         log.warning("MLflow refused a %s call, dropped: %s", kind, str(err)[:300])
                         for _ in range(count):
-                            self._forget(0)
+                            self._remove(0, sent=False)
                         self._cond.notify_all()
                         continue
                     self.failures += 1
@@ -148,9 +150,7 @@ class _Sender:
             delay = 1.0
             with self._cond:
                 for _ in range(count):
-                    kind, payload = self.pending.popleft()
-                    if kind == "metrics":
-                        self.pending_values -= len(payload)
+                    self._remove(0, sent=True)
                 self._busy = 0
                 self._cond.notify_all()
 
@@ -170,7 +170,7 @@ class _Sender:
         with self._cond:
             before = self.dropped
             while len(self.pending) > self._busy:
-                self._forget(len(self.pending) - 1)
+                self._remove(len(self.pending) - 1, sent=False)
             return self.dropped - before
 
 
