@@ -28,7 +28,7 @@ from pipeline.data.gpu import GpuAugment, Prefetched, gpu_prepare, pack
 from pipeline.data.shards import ShardIndex, read_index
 from pipeline.data.sources import training_sources
 from pipeline.data.stream import TrainStream, cpu_prepare, eval_batches, seed_of, stream_plan
-from pipeline.data.transforms import batch_transform, eval_transform, normalize, train_transform
+from pipeline.data.transforms import batch_transform, eval_transform, normalize, stack_images, train_transform
 from pipeline.fewshot import fewshot_accuracy
 from pipeline.flops import peak_flops, train_flops_per_image
 from pipeline.layout import RunLayout, StageLayout
@@ -308,9 +308,10 @@ class StageRunner:
                 plan, gpu_prepare(stage.augment), collate=pack, state=data_state, max_bad_fraction=data.max_bad_fraction
             )
             return Prefetched(stream, GpuAugment(stage.augment, self.image_size, env.device))
-        # default_collate stacks straight into shared memory inside a loader worker
         prepare = cpu_prepare(train_transform(stage.augment, self.image_size))
-        return TrainStream(plan, prepare, state=data_state, max_bad_fraction=data.max_bad_fraction)
+        return TrainStream(
+            plan, prepare, collate=stack_images, state=data_state, max_bad_fraction=data.max_bad_fraction
+        )
 
     def _report_bad_data(self, final: bool) -> dict:
         """Bad samples of all ranks: counts as metrics; shard URL + key of each to `data/bad_samples.jsonl`

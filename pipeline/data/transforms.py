@@ -7,10 +7,12 @@ Loader workers stay in uint8 from decode to batch (a quarter of float32's bytes 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as F
 
 from pipeline.config import AugmentConfig
 
@@ -40,18 +42,40 @@ def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(device), (1 / (torch.tensor(STD).view(1, 3, 1, 1) * 255)).to(device)
 
 
-def train_transform(cfg: AugmentConfig, image_size: int) -> v2.Transform:
+class CropFlip:
+    """Inception crop (or a resize of the whole image) to `size`², then a random horizontal flip: one uint8
+    (3, H, W) image in and out, through transforms v2's functional kernels.
+
+    The same random draws, in the same order, as `v2.RandomResizedCrop` then `v2.RandomHorizontalFlip`, and the same
+    pixels. It skips their per-call dispatch (~0.1 ms an image) and resizes the crop in channels-last order, which
+    the uint8 antialiased kernel reads without repacking: together ~25% of the augmentation's time on one core."""
+
+    def __init__(self, cfg: AugmentConfig, size: int) -> None:
+        self.cfg, self.size = cfg, [size, size]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.cfg.crop == "inception":
+            top, left, h, w = RandomResizedCrop.get_params(image, list(self.cfg.crop_scale), [3 / 4, 4 / 3])
+            image = image[:, top : top + h, left : left + w]
+        out = F.resize(image[None].contiguous(memory_format=torch.channels_last), self.size, antialias=True)[0]
+        if self.cfg.flip and torch.rand(1) < 0.5:
+            out = F.horizontal_flip(out)
+        return out
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (3, S, S) images -> one (B, 3, S, S) batch laid out channels-last, as `CropFlip` makes each image:
+    stacking them is then a plain copy per image (into shared memory inside a loader worker), not a transpose.
+    Channels-last batches stay so on the device; the model's patch stem reads either layout."""
+    return torch.utils.data.default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+
+
+def train_transform(cfg: AugmentConfig, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The paper's training augmentation: inception crop, flip, optional RandAugment(2, m); uint8 in and out."""
-    steps: list[v2.Transform] = []
-    if cfg.crop == "inception":
-        steps.append(v2.RandomResizedCrop(image_size, scale=cfg.crop_scale, antialias=True))
-    else:
-        steps.append(v2.Resize((image_size, image_size), antialias=True))
-    if cfg.flip:
-        steps.append(v2.RandomHorizontalFlip())
+    crop_flip = CropFlip(cfg, image_size)
     if cfg.randaugment_magnitude > 0:
-        steps.append(v2.RandAugment(num_ops=2, magnitude=cfg.randaugment_magnitude))
-    return v2.Compose(steps)
+        return v2.Compose([crop_flip, v2.RandAugment(num_ops=2, magnitude=cfg.randaugment_magnitude)])
+    return crop_flip
 
 
 def batch_transform(cfg: AugmentConfig, num_classes: int) -> v2.Transform | None:
