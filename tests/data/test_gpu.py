@@ -2,12 +2,14 @@
 
 import io
 
+import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
 from pipeline.config import AugmentConfig
-from pipeline.data.gpu import GpuAugment, GpuPrepare, Prefetched, pack
+from pipeline.data import gpu
+from pipeline.data.gpu import GpuAugment, GpuPrepare, Prefetched, pack, resized_crops
 from pipeline.data.shards import read_index
 from pipeline.data.stream import StreamPlan, TrainStream
 from pipeline.data.transforms import decode
@@ -31,6 +33,36 @@ def test_packed_batch_is_cropped_flipped_and_bad_jpegs_replaced(shapes_shards):
     expected = decode(samples[0]["jpg"]).float()[None]
     expected = torch.nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", antialias=True)
     assert (out[0].float() - expected[0].round()).abs().max() <= 1  # whole-image "resize" crop
+
+
+@pytest.mark.parametrize(
+    ("budget", "dtype"),
+    [(gpu.PAD_BUDGET, torch.float32), (3 * 70 * 90 * 4 * 2, torch.float32), (gpu.PAD_BUDGET, torch.float16)],
+    ids=["one-group", "groups-of-two", "float16"],
+)
+def test_batched_resized_crops_match_antialiased_interpolate_per_image(budget, dtype, monkeypatch):
+    monkeypatch.setattr(gpu, "PAD_BUDGET", budget)
+    g = torch.Generator().manual_seed(0)
+    images, params = [], []
+    for k in range(9):
+        h, w = 40 + 5 * k, 90 - 4 * k
+        smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=(h, w), mode="bicubic")
+        images.append(((smooth[0] + 0.3 * torch.rand(3, h, w, generator=g)).clamp(0, 1) * 255).round().byte())
+        ch, cw = int(torch.randint(6, h + 1, (), generator=g)), int(torch.randint(6, w + 1, (), generator=g))
+        top, left = (
+            int(torch.randint(0, h - ch + 1, (), generator=g)),
+            int(torch.randint(0, w - cw + 1, (), generator=g)),
+        )
+        params.append([top, left, ch, cw, k % 2])
+    size = 24  # crops from 6 (enlarged) to 90 pixels (shrunk) a side
+    out = resized_crops(images, torch.tensor(params), size, dtype)
+    assert out.shape == (9, 3, size, size) and out.dtype == torch.uint8
+    for image, (top, left, ch, cw, flip), got in zip(images, params, out):
+        crop = image[None, :, top : top + ch, left : left + cw].float()
+        expected = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+        expected = expected.flip(-1) if flip else expected
+        assert (got.float() - expected.round()).abs().max() <= 1
+        assert (got.float() - expected).abs().mean() < 0.3
 
 
 def test_gpu_prepared_stream_resumes_exactly(shapes_shards):
