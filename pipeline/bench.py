@@ -110,9 +110,8 @@ def _deepspeed_engine(
         optim=OptimConfig(warmup_steps=10),
     )
     ds = DeepSpeedConfig(**{"zero_stage": zero_stage, "precision": "bf16", **ds_options})
-    return eng.build_engine(
-        MlpMixer(spec, NUM_CLASSES), stage, eng.build_config(stage, ds, 1, torch.device("cuda")), compile_mode
-    )
+    config = eng.build_config(stage, ds, 1, torch.device("cuda"))
+    return eng.build_engine(MlpMixer(spec, NUM_CLASSES), stage, config, compile_mode, ds.fp8)
 
 
 def _engine_step(engine: eng.Engine, dtype: torch.dtype = torch.bfloat16) -> Step:
@@ -209,13 +208,24 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict) -> dict[str, Callab
             torch.compile(MlpMixer(spec, NUM_CLASSES).cuda(), mode=AUTOTUNE)
         ),
     }
+    for recipe in ("tensorwise", "rowwise"):
+        builders[f"ours + compile, fp8 {recipe} (no DeepSpeed)"] = lambda r=recipe: _plain_step(
+            torch.compile(_float8(MlpMixer(spec, NUM_CLASSES), r).cuda())
+        )
+    precisions = [("bf16", "none", ""), ("autocast", "none", " (autocast)")]
+    precisions += [("autocast", r, f" (autocast, fp8 {r})") for r in ("tensorwise", "rowwise")]
     for zero in range(4):
         for compiled, mode in (("", None), (" + compile", "default"), (" + max-autotune", AUTOTUNE)):
-            for precision, suffix in (("bf16", ""), ("autocast", " (autocast)")):
+            for precision, fp8, suffix in precisions:
                 name = f"ours DeepSpeed ZeRO-{zero}{compiled}{suffix}"
-                options = {**ds_options, "precision": precision}
+                options = {**ds_options, "precision": precision, "fp8": fp8}
                 builders[name] = lambda z=zero, m=mode, o=options: _deepspeed_step(spec, batch, z, m, o)
     return builders
+
+
+def _float8(model: torch.nn.Module, recipe: str) -> torch.nn.Module:
+    eng.to_float8(model, recipe)
+    return model
 
 
 # The headline ("ours") is the first DeepSpeed row: the step the paper configs run (docs/BENCHMARKS.md).

@@ -198,8 +198,12 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000  # elements
     compile: bool = False  # torch.compile the model (in place: parameter names and checkpoints are unchanged)
     compile_mode: str = "default"  # torch.compile's mode: "default" or "max-autotune-no-cudagraphs"
+    # float8 matrix products in the channel-mixing MLPs (torchao; needs a GPU of compute capability 8.9+, such as
+    # an H100; emulated on the CPU): "none", or torchao's scaling recipe "tensorwise" or "rowwise"
+    fp8: str = "none"
 
 
+FP8_RECIPES = ("none", "tensorwise", "rowwise")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
@@ -448,6 +452,7 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
     _choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", source)
     _choice(cfg.deepspeed.precision, ("auto", "bf16", "fp32", "autocast"), "deepspeed.precision", source)
     _choice(cfg.deepspeed.compile_mode, COMPILE_MODES, "deepspeed.compile_mode", source)
+    _choice(cfg.deepspeed.fp8, FP8_RECIPES, "deepspeed.fp8", source)
     _choice(cfg.launch.device, ("auto", "cuda", "cpu"), "launch.device", source)
     if cfg.launch.nproc_per_node < 1 or cfg.launch.nnodes < 1:
         raise ConfigError(f"{source}: launch.nproc_per_node and launch.nnodes must be >= 1")

@@ -136,7 +136,8 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     ds_config = eng.build_config(stage, cfg.deepspeed, env.world_size, env.device, load_universal=reshard)
     if env.is_primary:
         layout.deepspeed_config.write_text(json.dumps(ds_config, indent=2))
-    engine = eng.build_engine(model, stage, ds_config, cfg.deepspeed.compile_mode if cfg.deepspeed.compile else None)
+    compile_mode = cfg.deepspeed.compile_mode if cfg.deepspeed.compile else None
+    engine = eng.build_engine(model, stage, ds_config, compile_mode, cfg.deepspeed.fp8)
     start_step, data_state, changes = 0, None, []
     fingerprint = stage_fingerprint(cfg, stage, spec) if stage.kind != "eval" else {}
     if resume_at is not None:

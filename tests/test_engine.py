@@ -1,7 +1,9 @@
+import copy
+
 import torch
 
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
-from pipeline.engine import BackgroundCheckpointEngine, build_config, matmul_dtype, param_groups
+from pipeline.engine import BackgroundCheckpointEngine, build_config, matmul_dtype, param_groups, to_float8
 from pipeline.models.mixer import MixerSpec, MlpMixer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -78,3 +80,27 @@ def test_background_writes_keep_the_state_as_it_was_at_save_and_reuse_their_buff
     writer.wait()
     assert torch.equal(torch.load(tmp_path / "b" / "model.pt")["module"]["w"], weights)
     assert len(writer._buffers) == 2 and writer.wait() == []
+
+
+def test_fp8_converts_the_channel_mixing_mlps_only_and_stays_close_to_bf16():
+    torch.manual_seed(0)
+    spec = MixerSpec(2, 4, 32, 24, 64, 16)  # S = 16 tokens, D_S = 24: token mixing stays in bf16
+    reference = MlpMixer(spec, num_classes=5)
+    torch.nn.init.normal_(reference.head.weight, std=0.2)  # a zero head would make every logit 0
+    model = copy.deepcopy(reference)
+    names = to_float8(model, "tensorwise")  # emulated on the CPU
+    assert names == [f"blocks.{i}.channel_mixing.dense_{k}" for i in range(2) for k in range(2)]
+    assert model.state_dict().keys() == reference.state_dict().keys()  # checkpoints load either way
+    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(images).float()
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        return logits.detach(), m.blocks[0].channel_mixing.dense_0.weight.grad
+
+    ref_logits, ref_grad = run(reference)
+    logits, grad = run(model)
+    # e4m3 keeps 3 mantissa bits (~6% per element); sums over many products average it down
+    assert 0 < (logits - ref_logits).norm() <= 0.1 * ref_logits.norm()
+    assert 0 < (grad - ref_grad).norm() <= 0.15 * ref_grad.norm()
