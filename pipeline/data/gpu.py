@@ -86,13 +86,13 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, extent: int, size:
     """(N, size, extent) matrices that resize the window [start, start + length) of an axis of `extent` pixels to
     `size` pixels: the triangle filter of antialiased bilinear resizing, stretched by the scale when shrinking, cut
     to the window and normalised per output pixel (as `interpolate(mode="bilinear", antialias=True)` weighs)."""
-    scale = (length.double() / size)[:, None, None]
+    scale = (length.float() / size)[:, None, None]
     support = scale.clamp(min=1.0)
-    centre = scale * (torch.arange(size, dtype=torch.float64, device=start.device)[None, :, None] + 0.5)
-    offset = torch.arange(extent, dtype=torch.float64, device=start.device)[None, None, :] - start[:, None, None]
-    weight = (1 - ((offset + 0.5 - centre) / support).abs()).clamp(min=0)
-    weight = weight * ((offset >= 0) & (offset < length[:, None, None]))
-    return (weight / weight.sum(-1, keepdim=True)).float()
+    centre = scale * (torch.arange(size, dtype=torch.float32, device=start.device)[None, :, None] + 0.5)
+    offset = torch.arange(extent, dtype=torch.float32, device=start.device)[None, None, :] - start[:, None, None]
+    weight = (1 - ((offset + 0.5 - centre) / support).abs()).clamp_(min=0)
+    weight.mul_((offset >= 0) & (offset < length[:, None, None]))
+    return weight.div_(weight.sum(-1, keepdim=True))
 
 
 def resized_crops(
@@ -122,7 +122,7 @@ def resized_crops(
             height, width = h, w
         group = images[first : last + 1]
         padded = torch.zeros(len(group), 3, height, width, dtype=dtype, device=device)
-        for k, image in enumerate(group):
+        for k, image in enumerate(group):  # a greyscale JPEG (one channel) fills all three
             padded[k, :, : image.shape[-2], : image.shape[-1]].copy_(image)
         top, left, h, w, flip = params[first : last + 1].unbind(1)
         rows = resize_weights(top, h, height, size).to(dtype)  # (n, size, height)

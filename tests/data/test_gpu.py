@@ -22,6 +22,9 @@ def test_packed_batch_is_cropped_flipped_and_bad_jpegs_replaced(shapes_shards):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(png, "PNG")
     samples[3] = {"__key__": "red", "png": png.getvalue(), "cls": b"1"}
     samples[5]["jpg"] = samples[5]["jpg"][:-60]  # the header parses, the body does not decode
+    grey = io.BytesIO()
+    Image.new("L", (30, 20), 77).save(grey, "JPEG")
+    samples[7] = {"__key__": "grey", "jpg": grey.getvalue(), "cls": b"2"}  # one channel: fills all three
     torch.manual_seed(0)
     items = [GpuPrepare(AugmentConfig(crop="resize", flip=False))(s, ())[0] for s in samples]
     batch = pack(items)
@@ -30,6 +33,7 @@ def test_packed_batch_is_cropped_flipped_and_bad_jpegs_replaced(shapes_shards):
     out = augment(batch)
     assert out.shape == (12, 3, 16, 16) and out.dtype == torch.uint8 and augment.failed == 1
     assert (out[3, 0] > 150).all() and (out[3, 1] < 60).all()  # the PNG, decoded by the worker: red
+    assert ((out[7].int() - 77).abs() <= 2).all()
     expected = decode(samples[0]["jpg"]).float()[None]
     expected = torch.nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", antialias=True)
     assert (out[0].float() - expected[0].round()).abs().max() <= 1  # whole-image "resize" crop
