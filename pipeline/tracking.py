@@ -47,7 +47,7 @@ class NullTracker:
     def log_model(self, files: list[Path], registered_name: str | None, tags: dict[str, str]) -> None:
         pass
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
         pass
 
 
@@ -155,9 +155,11 @@ class _Sender:
                 self._cond.notify_all()
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until everything submitted so far has been sent, at most `timeout_s`; True if it was."""
+        """Wait until everything submitted so far has been sent, at most `timeout_s`; True if it was. A sender
+        waiting out a back-off retries at once: the server may be back, and the caller has only so long."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            self._cond.notify_all()
             while self.pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -181,6 +183,11 @@ class MlflowTracker(NullTracker):
     dropped (a warning, and the run's `tracking/dropped_values` tag when the server is back)."""
 
     def __init__(self, client: Any, run_id: str, flush_timeout_s: float = 120.0) -> None:
+        # The sender retries failed calls itself for as long as it takes. MLflow's own HTTP retries (7 by default,
+        # backing off to a minute and more inside one call) would only keep it from seeing that the server is back,
+        # past the ~30 s a preempted job has before it is killed. Set in the environment, these settings win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self.client = client
         self.run_id = run_id
         self.flush_timeout_s = flush_timeout_s
@@ -240,12 +247,14 @@ class MlflowTracker(NullTracker):
     def flush(self, timeout_s: float | None = None) -> bool:
         return self.sender.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if not self.flush():
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Send what is pending (at most `timeout_s`, by default `flush_timeout_s`), then close the run."""
+        timeout_s = self.flush_timeout_s if timeout_s is None else timeout_s
+        if not self.flush(timeout_s):
             lost = self.sender.abandon()
             log.warning(
                 "MLflow run %s: %d metric values and other pending calls not sent within %.0f s (%s); dropped",
-                self.run_id, lost, self.flush_timeout_s, self.sender.last_error,
+                self.run_id, lost, timeout_s, self.sender.last_error,
             )  # fmt: skip
         try:
             if self.sender.dropped:

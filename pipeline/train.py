@@ -193,11 +193,13 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
             layout.write_result(result)
         dist.barrier()
     except Preempted as stop:
-        # The stage's MLflow run continues when the same command is run again (tracking keeps its id).
-        tracker.set_tags({"preempted_at_step": str(stop.step)})
-        tracker.finish("KILLED")
+        # The stage's MLflow run continues when the same command is run again (tracking keeps its id). The
+        # checkpoint is complete; the marker goes first, and the tracker gets what is left of the ~30 s that
+        # schedulers (Slurm's KillWait, torchrun's shutdown) allow after SIGTERM before they kill.
         if env.is_primary:
             layout.preempted.write_text(str(stop.step))
+        tracker.set_tags({"preempted_at_step": str(stop.step)})
+        tracker.finish("KILLED", timeout_s=min(cfg.tracking.flush_timeout_s, PREEMPTED_FLUSH_S))
         dist.barrier()
         dist.destroy()
         raise
@@ -210,6 +212,10 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     tracker.finish("FINISHED")
     dist.destroy()
     return result
+
+
+# Seconds a preempted stage waits for its pending MLflow calls before it exits for the requeue.
+PREEMPTED_FLUSH_S = 15.0
 
 
 class Preempted(Exception):

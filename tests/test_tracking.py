@@ -1,6 +1,7 @@
 """The tracker's background sender: order, batching, retries and the bound on what it keeps."""
 
 import threading
+import time
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -72,3 +73,18 @@ def test_a_refused_call_is_dropped_not_retried_forever():
     sender.submit(refused, "tag")
     sender.submit_metrics([metric(1)])
     assert sender.flush(5) and store.calls == [[1]]
+
+
+def test_flush_cuts_a_back_off_short_when_the_store_is_back():
+    store = Store()
+    store.down.set()
+    sender = _Sender(store.metrics, retry_max_s=30)
+    sender.submit_metrics([metric(1)])
+    deadline = time.monotonic() + 10
+    while sender.failures < 3:  # back-off 1 s, then 2 s: now waiting 4 s before the next try
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    store.down.clear()
+    started = time.monotonic()
+    assert sender.flush(1.0), "flush woke the sender, which sent at once"
+    assert time.monotonic() - started < 1.0 and store.calls == [[1]]
