@@ -233,7 +233,8 @@ class TrackingConfig:
     # version of the registered model named like the experiment where the store has a registry; false: model.json only
     log_model: bool = True
     # Tracking calls go to the server from a background thread; a run waits this long at its end for those a
-    # server outage held up, then reports the rest as dropped (tag tracking/dropped_values) and ends anyway.
+    # server outage held up, then reports the rest as dropped (tag tracking/dropped_values) and ends anyway
+    # (a preempted stage: at most 15 s, inside the grace period before schedulers kill it).
     flush_timeout_s: float = 120.0
 
 
