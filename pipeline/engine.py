@@ -148,6 +148,7 @@ def to_float8(model: nn.Module, recipe: str) -> list[str]:
 
     On CUDA it needs compute capability 8.9 or more; on the CPU the float8 products are emulated (for tests)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
 
     config = Float8LinearConfig.from_recipe_name(recipe)
     if deepspeed.get_accelerator().device_name() != "cuda":
@@ -160,7 +161,7 @@ def to_float8(model: nn.Module, recipe: str) -> list[str]:
         return ".channel_mixing." in f".{name}" and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
     convert_to_float8_training(model, module_filter_fn=channel_mixing, config=config)
-    return [name for name, module in model.named_modules() if type(module).__name__ == "Float8Linear"]
+    return [name for name, module in model.named_modules() if isinstance(module, Float8Linear)]
 
 
 def build_engine(

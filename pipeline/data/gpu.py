@@ -173,7 +173,7 @@ class GpuAugment:
     def crops(self, batch: dict) -> torch.Tensor:
         """Decode, crop, resize and flip: no random draws (the worker drew the boxes and flips), so this part may
         run on another thread (`Prefetched`)."""
-        params = batch["params"].tolist()
+        params = batch["params"]
         n = len(params)
         offsets = batch["offsets"].tolist()
         encoded = [batch["bytes"][offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
@@ -187,7 +187,7 @@ class GpuAugment:
             raise BadSample("no image of the batch decodes")
         self.failed += n - len(good)
         sources = [i if images[i] is not None else good[i % len(good)] for i in range(n)]
-        return resized_crops([images[i] for i in sources], torch.tensor([params[i] for i in sources]), self.size)
+        return resized_crops([images[i] for i in sources], params[sources], self.size)
 
     def randomly_augment(self, out: torch.Tensor) -> torch.Tensor:
         """RandAugment when configured, drawn from the caller's (per-step seeded) random state."""
