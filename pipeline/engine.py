@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402  (after the logger is quietened: it logs on import)
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.zero import stage_1_and_2  # noqa: E402
 from deepspeed.utils import logging as ds_logging  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
@@ -101,8 +102,9 @@ def build_config(
             "weight_decay": optim.weight_decay,
             "torch_adam": True,
         }
-        if device.type == "cuda":
-            params["fused"] = True  # torch's fused AdamW kernel; no JIT-built DeepSpeed op needed
+        # torch's fused AdamW kernel (CUDA and CPU): no JIT-built DeepSpeed op, and it can skip a step on the device
+        # (`skip_steps_on_device`)
+        params["fused"] = True
         config["optimizer"] = {"type": "AdamW", "params": params}
     else:
         # DeepSpeed has no plain momentum-SGD type: `build_engine` passes torch.optim.SGD as a client optimiser.
@@ -185,7 +187,72 @@ def build_engine(
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config
         )
+    skip_steps_on_device(engine)
     return engine
+
+
+def _mask_non_finite(norm: torch.Tensor, device: Any = None, val: float = -1.0) -> None:
+    """DeepSpeed's `mask_nan_or_inf_with_val_inplace`, without building its fill value as a tensor on the device: that
+    host-to-device copy waited for the whole backward pass before the host could queue the optimiser step."""
+    norm.masked_fill_(~torch.isfinite(norm), val)
+
+
+_is_invalid_grad_norm = stage_1_and_2.is_invalid_grad_norm
+
+
+def _invalid_unless_skipped_on_device(norm: Any) -> bool:
+    """DeepSpeed's `is_invalid_grad_norm` (a host wait on the norm), except for norms `skip_steps_on_device`
+    has already handed to the optimiser."""
+    return False if getattr(norm, "_skipped_on_device", False) else _is_invalid_grad_norm(norm)
+
+
+stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_non_finite
+stage_1_and_2.is_invalid_grad_norm = _invalid_unless_skipped_on_device
+
+
+def skip_steps_on_device(engine: Engine) -> bool:
+    """Let ZeRO-1/2 skip a step whose gradient norm is inf or nan without the host waiting for the norm.
+
+    DeepSpeed reads the norm back as a Python bool before every optimiser step (to skip the step, and again to
+    clip), so the host cannot queue the step and the next forward pass while the GPU is still in the backward
+    pass. Here the verdict stays on the device instead: torch's fused AdamW takes it as `found_inf` and leaves the
+    weights, its moments and its step count unchanged, as DeepSpeed's skip does, and the clip uses the infinite
+    norm DeepSpeed would have. Unlike DeepSpeed's skip, the learning-rate schedule still advances. Skipped steps
+    are counted on the device (`skipped_steps`). Returns whether it applies: ZeRO-1/2 with torch's fused AdamW,
+    the gradient norm computed, no CPU offload and no fp16 loss scaler; otherwise DeepSpeed's own logic runs."""
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", None)
+    if not (
+        isinstance(zero, stage_1_and_2.DeepSpeedZeroOptimizer)
+        and getattr(inner, "_step_supports_amp_scaling", False)  # fused: takes found_inf
+        and zero.compute_grad_norm
+        and not zero.cpu_offload
+        and zero.torch_autocast_gradscaler is None
+        and not zero.custom_loss_scaler
+        and zero.loss_scale == 1.0
+    ):
+        return False
+    counted = torch.zeros((), device=engine.device)
+    global_norm = zero.scaled_global_norm
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        norm = global_norm(norm_type)
+        invalid = ~torch.isfinite(norm) | (norm < 0)
+        inner.found_inf = invalid.float()
+        counted.add_(inner.found_inf)
+        norm = torch.where(invalid, torch.full_like(norm, float("inf")), norm)
+        norm._skipped_on_device = True
+        return norm
+
+    zero.scaled_global_norm = scaled_global_norm
+    engine.skipped_on_device = counted
+    return True
+
+
+def skipped_steps(engine: Engine) -> int:
+    """Optimiser steps skipped so far for an inf or nan gradient, by DeepSpeed or on the device; reads the device."""
+    counted = getattr(engine, "skipped_on_device", None)
+    return int(engine.skipped_steps) + (0 if counted is None else int(counted.item()))
 
 
 class BackgroundCheckpointEngine(TorchCheckpointEngine):

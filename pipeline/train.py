@@ -408,6 +408,7 @@ class StageRunner:
                     "train/epoch": self.stream.epoch + self.stream.position / self.stream.plan.batches_per_epoch,
                     "train/img_per_s": img_per_s,
                     "train/mfu": img_per_s * flops_per_image / (peak * env.world_size),
+                    "train/skipped_steps": eng.skipped_steps(self.engine),  # inf/nan gradients: step not applied
                 }
                 self.tracker.log_metrics(metrics, step)
                 bar.set_postfix(

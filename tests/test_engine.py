@@ -1,9 +1,25 @@
 import copy
+import os
+import socket
 
+import deepspeed
+import pytest
 import torch
+import torch.nn.functional as F
+from deepspeed.runtime import utils as ds_utils
 
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
-from pipeline.engine import BackgroundCheckpointEngine, build_config, matmul_dtype, param_groups, to_float8
+from pipeline.dist import init_process_group, read_env
+from pipeline.engine import (
+    BackgroundCheckpointEngine,
+    _mask_non_finite,
+    build_config,
+    build_engine,
+    matmul_dtype,
+    param_groups,
+    skipped_steps,
+    to_float8,
+)
 from pipeline.models.mixer import MixerSpec, MlpMixer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -18,7 +34,7 @@ def test_pretrain_uses_adamw_with_linear_warmup_decay_and_clipping():
     assert config["train_batch_size"] == 32 * 4 * 8
     assert config["optimizer"]["type"] == "AdamW"
     assert config["optimizer"]["params"]["betas"] == [0.9, 0.999]
-    assert "fused" not in config["optimizer"]["params"]
+    assert config["optimizer"]["params"]["fused"] is True  # torch's fused AdamW, on the CPU too
     assert config["scheduler"]["type"] == "WarmupDecayLR"
     assert config["scheduler"]["params"]["warmup_type"] == "linear"
     assert config["gradient_clipping"] == 1.0
@@ -104,3 +120,78 @@ def test_fp8_converts_the_channel_mixing_mlps_only_and_stays_close_to_bf16():
     # e4m3 keeps 3 mantissa bits (~6% per element); sums over many products average it down
     assert 0 < (logits - ref_logits).norm() <= 0.1 * ref_logits.norm()
     assert 0 < (grad - ref_grad).norm() <= 0.15 * ref_grad.norm()
+
+
+def test_the_sync_free_norm_mask_matches_deepspeeds():
+    norm = torch.tensor([1.5, float("inf"), float("nan"), -float("inf"), 0.0])
+    expected = norm.clone()
+    ds_utils.mask_nan_or_inf_with_val_inplace(expected)
+    _mask_non_finite(norm)
+    assert torch.equal(norm, expected) and norm.tolist() == [1.5, -1.0, -1.0, -1.0, 0.0]
+
+
+def _skip_worker(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    init_process_group(read_env("cpu"))
+    train = StageConfig(
+        name="pretrain",
+        kind="pretrain",
+        dataset="d",
+        steps=100,
+        micro_batch=4,
+        optim=OptimConfig(lr=0.05, warmup_steps=1, grad_clip=0.01),
+    )
+    config = build_config(train, DeepSpeedConfig(zero_stage=2), 2, CPU)
+    spec = MixerSpec(2, 4, 16, 8, 32, 16)
+    engines = []
+    for on_device in (True, False):  # ours, and DeepSpeed's own host-side skip on the same start
+        torch.manual_seed(0)
+        model = MlpMixer(spec, num_classes=3)
+        torch.nn.init.normal_(model.head.weight, std=0.5)
+        if on_device:
+            engine = build_engine(model, train, config)
+            assert hasattr(engine, "skipped_on_device")  # it applies: ZeRO-2, fused AdamW
+        else:
+            groups = param_groups(model, train.optim.weight_decay)
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+            assert not hasattr(engine, "skipped_on_device")
+        engines.append(engine)
+
+    def step(engine, poison: bool) -> None:
+        torch.manual_seed(rank)
+        loss = F.cross_entropy(engine(torch.randn(4, 3, 16, 16)), torch.randint(0, 3, (4,)))
+        engine.backward(loss * float("nan") if poison else loss)  # one rank's nan reaches every rank's partition
+        engine.step()
+
+    def flat(engine) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+
+    start = flat(engines[0])
+    for engine in engines:
+        for _ in range(3):  # DeepSpeed's warm-up gives the first two steps a learning rate of 0
+            step(engine, poison=False)
+    ours, theirs = (flat(e) for e in engines)
+    assert not torch.equal(ours, start) and torch.equal(ours, theirs)  # the same clipped step, bit for bit
+    assert float(engines[0].get_global_grad_norm()) > 0.01  # so the clip did act
+    for engine in engines:
+        before = flat(engine)
+        step(engine, poison=rank == 0)
+        assert torch.equal(flat(engine), before), "a step with a nan gradient changed the weights"
+        assert skipped_steps(engine) == 1
+    inner = engines[0].optimizer.optimizer
+    assert all(int(state["step"]) == 3 for state in inner.state.values())  # Adam's step count did not advance
+    for engine in engines:
+        before = flat(engine)
+        step(engine, poison=False)
+        assert not torch.equal(flat(engine), before) and skipped_steps(engine) == 1
+
+
+@pytest.mark.slow
+def test_zero2_skips_a_nan_gradient_step_on_the_device_as_deepspeed_does():
+    """Two gloo ranks, ZeRO-2: a clipped step equals DeepSpeed's own bit for bit, and a nan gradient on one rank
+    leaves every rank's weights and Adam state unchanged and is counted, without the host reading the norm."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_skip_worker, args=(port,), nprocs=2)
