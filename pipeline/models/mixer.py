@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
@@ -84,6 +85,9 @@ class MixerBlock(nn.Module):
         # Over the patch axis through a transposed view: measured on an H100, torch.compile fuses these transposes
         # into the neighbouring kernels, and that beat a transpose-free batched matmul (docs/BENCHMARKS.md).
         self.token_mixing = MlpBlock(spec.num_patches, spec.tokens_mlp_dim, gelu)
+        # The patch axis runs padded with zeros to a multiple of 16 (196 -> 208 at 224/16): rows of 196 bf16 values
+        # are not 16-byte aligned, and cuBLAS then falls back to GEMMs 2-3x slower (docs/BENCHMARKS.md).
+        self.token_pad = -spec.num_patches % 16
         self.channel_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         self.channel_mixing = MlpBlock(spec.hidden_dim, spec.channels_mlp_dim, gelu)
         # "row" drops the whole residual branch per sample, as stochastic depth does.
@@ -91,9 +95,20 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, C)
         y = self.token_norm(x).transpose(1, 2)  # (B, C, S): mix along S
-        x = x + self.drop_path(self.token_mixing(y).transpose(1, 2))
+        x = x + self.drop_path(self._mix_tokens(y).transpose(1, 2))
         x = x + self.drop_path(self.channel_mixing(self.channel_norm(x)))
         return x
+
+    def _mix_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """`token_mixing(y)` with S padded by `token_pad` zeros: zero inputs times zero weight columns add nothing,
+        and the padded outputs are cut off, so the result is the same."""
+        pad = self.token_pad
+        if not pad:
+            return self.token_mixing(y)
+        mlp = self.token_mixing
+        hidden = mlp.act(F.linear(F.pad(y, (0, pad)), F.pad(mlp.dense_0.weight, (0, pad)), mlp.dense_0.bias))
+        out = F.linear(hidden, F.pad(mlp.dense_1.weight, (0, 0, 0, pad)), F.pad(mlp.dense_1.bias, (0, pad)))
+        return out[..., :-pad]
 
 
 class MlpMixer(nn.Module):

@@ -36,6 +36,27 @@ def test_token_mixing_width_follows_patch_count():
     assert block.channel_mixing.dense_0.weight.shape == (TINY.channels_mlp_dim, TINY.hidden_dim)
 
 
+def test_padded_token_mixing_equals_the_plain_mlp_in_value_and_gradient():
+    """S = 25 tokens run padded to 32; the result and every gradient match the unpadded MLP."""
+    spec = MixerSpec(num_blocks=1, patch_size=4, hidden_dim=8, tokens_mlp_dim=6, channels_mlp_dim=16, image_size=20)
+    torch.manual_seed(0)
+    block = MlpMixer(spec, num_classes=2).blocks[0].double()
+    assert block.token_pad == 7 and MlpMixer(TINY, num_classes=2).blocks[0].token_pad == 0  # S = 16: no padding
+    for dense in (block.token_mixing.dense_0, block.token_mixing.dense_1):
+        torch.nn.init.normal_(dense.bias)  # zero biases would hide a bias landing on the wrong rows
+    y = torch.randn(3, 8, 25, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for mix in (block._mix_tokens, block.token_mixing):
+        out = mix(y)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
+        grads.append([out.detach(), y.grad.clone()] + [p.grad.clone() for p in block.token_mixing.parameters()])
+        block.zero_grad()
+        y.grad = None
+    assert grads[0][0].shape == (3, 8, 25)
+    for padded, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
+
+
 def test_patches_are_mixed_only_through_token_mixing():
     """Zeroing the token-mixing output makes every patch's features independent of the other patches."""
     torch.manual_seed(0)
