@@ -91,15 +91,17 @@ def timm_model(spec: MixerSpec) -> torch.nn.Module:
     )
 
 
-def _deepspeed_step(spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict) -> Step:
+def _deepspeed_step(
+    spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict, gelu: str = "exact"
+) -> Step:
     """The step `mixer run` takes: DeepSpeed engine, fused AdamW, clipping; bf16 weights with fp32 master copies,
     or (`precision: autocast` in `ds_options`) fp32 weights with bf16 matrix products under autocast."""
-    engine = _deepspeed_engine(spec, batch, zero_stage, compile_mode, ds_options)
+    engine = _deepspeed_engine(spec, batch, zero_stage, compile_mode, ds_options, gelu)
     return _engine_step(engine, torch.float32 if ds_options.get("precision") == "autocast" else torch.bfloat16)
 
 
 def _deepspeed_engine(
-    spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict
+    spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict, gelu: str = "exact"
 ) -> eng.Engine:
     stage = StageConfig(
         name="bench",
@@ -111,7 +113,7 @@ def _deepspeed_engine(
     )
     ds = DeepSpeedConfig(**{"zero_stage": zero_stage, "precision": "bf16", **ds_options})
     config = eng.build_config(stage, ds, 1, torch.device("cuda"))
-    return eng.build_engine(MlpMixer(spec, NUM_CLASSES), stage, config, compile_mode, ds.fp8)
+    return eng.build_engine(MlpMixer(spec, NUM_CLASSES, gelu=gelu), stage, config, compile_mode, ds.fp8)
 
 
 def _engine_step(engine: eng.Engine, dtype: torch.dtype = torch.bfloat16) -> Step:
@@ -144,10 +146,12 @@ def run_train_bench(
     variants: list[str],
     ds_options: dict | None = None,
     profile: bool = False,
+    gelu: str = "exact",
 ) -> dict:
-    """Measure each variant in turn on one GPU; returns rows plus the headline numbers."""
+    """Measure each variant in turn on one GPU; returns rows plus the headline numbers. `gelu`: our model's GELU
+    (timm's is always the exact one)."""
     env, spec, images, labels = _one_gpu("train", model, batch)
-    builders = _builders(spec, batch, ds_options or {})
+    builders = _builders(spec, batch, ds_options or {}, gelu)
     unknown = [name for name in variants if name not in builders]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(builders)}")
@@ -174,6 +178,7 @@ def run_train_bench(
         "torch": torch.__version__,
         "model": model,
         "batch": batch,
+        "gelu": gelu,
         "train_gflops_per_image": flops / 1e9,
         "measured_bf16_matmul_tflops": measured / 1e12,
         "datasheet_bf16_tflops": datasheet / 1e12,
@@ -197,20 +202,22 @@ def run_train_bench(
 AUTOTUNE = "max-autotune-no-cudagraphs"
 
 
-def _builders(spec: MixerSpec, batch: int, ds_options: dict) -> dict[str, Callable[[], Step]]:
+def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[str, Callable[[], Step]]:
     """Every variant by name: timm's model, ours without DeepSpeed, and ours in DeepSpeed's engine per ZeRO stage,
     compile mode and precision."""
+
+    def ours() -> MlpMixer:
+        return MlpMixer(spec, NUM_CLASSES, gelu=gelu)
+
     builders: dict[str, Callable[[], Step]] = {
         "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
         "timm + compile": lambda: _plain_step(torch.compile(timm_model(spec).cuda())),
-        "ours + compile (no DeepSpeed)": lambda: _plain_step(torch.compile(MlpMixer(spec, NUM_CLASSES).cuda())),
-        "ours + max-autotune (no DeepSpeed)": lambda: _plain_step(
-            torch.compile(MlpMixer(spec, NUM_CLASSES).cuda(), mode=AUTOTUNE)
-        ),
+        "ours + compile (no DeepSpeed)": lambda: _plain_step(torch.compile(ours().cuda())),
+        "ours + max-autotune (no DeepSpeed)": lambda: _plain_step(torch.compile(ours().cuda(), mode=AUTOTUNE)),
     }
     for recipe in ("tensorwise", "rowwise"):
         builders[f"ours + compile, fp8 {recipe} (no DeepSpeed)"] = lambda r=recipe: _plain_step(
-            torch.compile(_float8(MlpMixer(spec, NUM_CLASSES), r).cuda())
+            torch.compile(_float8(ours(), r).cuda())
         )
     precisions = [("bf16", "none", ""), ("autocast", "none", " (autocast)")]
     precisions += [("autocast", r, f" (autocast, fp8 {r})") for r in ("tensorwise", "rowwise")]
@@ -219,7 +226,7 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict) -> dict[str, Callab
             for precision, fp8, suffix in precisions:
                 name = f"ours DeepSpeed ZeRO-{zero}{compiled}{suffix}"
                 options = {**ds_options, "precision": precision, "fp8": fp8}
-                builders[name] = lambda z=zero, m=mode, o=options: _deepspeed_step(spec, batch, z, m, o)
+                builders[name] = lambda z=zero, m=mode, o=options: _deepspeed_step(spec, batch, z, m, o, gelu)
     return builders
 
 

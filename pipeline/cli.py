@@ -312,9 +312,11 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     variants = bench.ALL_VARIANTS if args.variants == ["all"] else args.variants or bench.DEFAULT_VARIANTS
     ds_options = {"reduce_bucket_size": int(args.bucket)}  # overlap_comm is off on one rank
-    result = bench.run_train_bench(args.model, args.batch, args.steps, args.warmup, variants, ds_options, args.profile)
+    result = bench.run_train_bench(
+        args.model, args.batch, args.steps, args.warmup, variants, ds_options, args.profile, args.gelu
+    )
     table = Table(
-        title=f"Mixer-{args.model}, batch {args.batch}, {result['device']} "
+        title=f"Mixer-{args.model}, batch {args.batch}, {args.gelu} GELU in ours, {result['device']} "
         f"(bf16 matmul {result['measured_bf16_matmul_tflops']:.0f} TFLOP/s measured)"
     )
     for column in ("variant", "img/s", "step ms", "MFU", "peak GiB", f"vs {result['baseline']}"):
@@ -532,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
     train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
     train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")
+    train.add_argument(
+        "--gelu", default="exact", choices=["exact", "tanh"], help="our model's GELU (model.gelu); timm's is exact"
+    )
     train.set_defaults(func=cmd_bench_train)
 
     ckpt = bench_sub.add_parser(
