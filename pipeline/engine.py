@@ -218,8 +218,9 @@ def skip_steps_on_device(engine: Engine) -> bool:
     pass. Here the verdict stays on the device instead: torch's fused AdamW takes it as `found_inf` and leaves the
     weights, its moments and its step count unchanged, as DeepSpeed's skip does, and the clip uses the infinite
     norm DeepSpeed would have. Unlike DeepSpeed's skip, the learning-rate schedule still advances. Skipped steps
-    are counted on the device (`skipped_steps`). Returns whether it applies: ZeRO-1/2 with torch's fused AdamW,
-    the gradient norm computed, no CPU offload and no fp16 loss scaler; otherwise DeepSpeed's own logic runs."""
+    are counted on the device (`skipped_steps`); a save adds them to DeepSpeed's count, which checkpoints keep.
+    Returns whether it applies: ZeRO-1/2 with torch's fused AdamW, the gradient norm computed, no CPU offload and
+    no fp16 loss scaler; otherwise DeepSpeed's own logic runs."""
     zero = engine.optimizer
     inner = getattr(zero, "optimizer", None)
     if not (
@@ -312,6 +313,10 @@ def saved_files(engine: Engine) -> list[Path]:
 def save_checkpoint(engine: Engine, directory: Path, tag: str, client_state: dict) -> None:
     """Collective: every rank writes its shard (`zero_pp_rank_<r>_*`). `latest` is left to `pipeline.checkpoint`,
     which moves it only once the checkpoint is complete."""
+    counted = getattr(engine, "skipped_on_device", None)
+    if counted is not None:  # into DeepSpeed's own count, which its checkpoints keep
+        engine.skipped_steps += int(counted.item())
+        counted.zero_()
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
 

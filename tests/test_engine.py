@@ -1,6 +1,7 @@
 import copy
 import os
 import socket
+from pathlib import Path
 
 import deepspeed
 import pytest
@@ -15,8 +16,10 @@ from pipeline.engine import (
     _mask_non_finite,
     build_config,
     build_engine,
+    load_checkpoint,
     matmul_dtype,
     param_groups,
+    save_checkpoint,
     skipped_steps,
     to_float8,
 )
@@ -130,7 +133,7 @@ def test_the_sync_free_norm_mask_matches_deepspeeds():
     assert torch.equal(norm, expected) and norm.tolist() == [1.5, -1.0, -1.0, -1.0, 0.0]
 
 
-def _skip_worker(rank: int, port: int) -> None:
+def _skip_worker(rank: int, port: int, checkpoints: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     init_process_group(read_env("cpu"))
@@ -185,13 +188,19 @@ def _skip_worker(rank: int, port: int) -> None:
         before = flat(engine)
         step(engine, poison=False)
         assert not torch.equal(flat(engine), before) and skipped_steps(engine) == 1
+    save_checkpoint(engines[0], checkpoints, "t", {})  # the count survives a checkpoint
+    torch.manual_seed(0)
+    resumed = build_engine(MlpMixer(spec, num_classes=3), train, config)
+    load_checkpoint(resumed, checkpoints, "t")
+    assert skipped_steps(resumed) == 1 and torch.equal(flat(resumed), flat(engines[0]))
 
 
 @pytest.mark.slow
-def test_zero2_skips_a_nan_gradient_step_on_the_device_as_deepspeed_does():
+def test_zero2_skips_a_nan_gradient_step_on_the_device_as_deepspeed_does(tmp_path):
     """Two gloo ranks, ZeRO-2: a clipped step equals DeepSpeed's own bit for bit, and a nan gradient on one rank
-    leaves every rank's weights and Adam state unchanged and is counted, without the host reading the norm."""
+    leaves every rank's weights and Adam state unchanged and is counted (through a checkpoint too), without the
+    host reading the norm."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_skip_worker, args=(port,), nprocs=2)
+    torch.multiprocessing.spawn(_skip_worker, args=(port, tmp_path), nprocs=2)
