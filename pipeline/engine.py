@@ -241,7 +241,7 @@ def skip_steps_on_device(engine: Engine) -> bool:
         invalid = ~torch.isfinite(norm) | (norm < 0)
         inner.found_inf = invalid.float()
         counted.add_(inner.found_inf)
-        norm = torch.where(invalid, torch.full_like(norm, float("inf")), norm)
+        norm = norm.masked_fill(invalid, float("inf"))  # DeepSpeed's clip for an invalid norm
         norm._skipped_on_device = True
         return norm
 
