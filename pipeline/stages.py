@@ -109,7 +109,7 @@ def launch_command(
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "pipeline.launch",  # torchrun that a repeated SIGTERM does not cut short
         "--nnodes",
         str(launch.nnodes),
         "--nproc-per-node",

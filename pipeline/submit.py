@@ -136,7 +136,7 @@ def pytorchjob(
     if job.cpus_per_node:
         resources["requests"] = {"cpu": str(job.cpus_per_node)}
     env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg.tracking), **cluster.env}
-    command = [cluster.python, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.launch.nproc_per_node)]
+    command = [cluster.python, "-m", "pipeline.launch", "--nproc-per-node", str(cfg.launch.nproc_per_node)]
     command += ["-m", "pipeline", "stage", str(layout.config), "--name", stage.name, "--submitted"]
     command += ["--parent-run-id", parent_run_id] if parent_run_id else []
     command += ["--last"] if last else []

@@ -167,7 +167,9 @@ def test_submitted_stages_survive_a_requeue_complete_in_order_and_track_like_mix
     assert "eval/eval/top1" in parents[0].data.metrics  # the stages' summaries, as `mixer run` logs them
     # The requeued job went on in the same MLflow run, from its checkpoint: every logged step once.
     pretrain = children["pretrain"]
-    assert pretrain.data.tags["resumed"] == "true" and "preempted_at_step" in pretrain.data.tags
+    log = (tmp_path / "out" / "jobs" / f"pretrain-{ids[0]}.log").read_text()
+    assert "saved a checkpoint and stopped; requeueing" in log, log[-4000:]
+    assert pretrain.data.tags["resumed"] == "true" and "preempted_at_step" in pretrain.data.tags, log[-4000:]
     steps = [m.step for m in client.get_metric_history(pretrain.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(2, 41, 2))
 
