@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,9 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
     for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
         os.environ.setdefault(name, str(value))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A process on its own (no launcher) takes any free port, so that several on one machine do not collide.
+        os.environ["MASTER_PORT"] = str(_free_port()) if env.world_size == 1 else "29500"
     torch_dist.init_process_group(
         backend="nccl" if env.device.type == "cuda" else "gloo",
         rank=env.rank,
@@ -72,6 +75,12 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
 
 
 _host_group: torch_dist.ProcessGroup | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def barrier() -> None:
