@@ -1,7 +1,9 @@
-"""Shared helpers: run the real `mixer` CLI, and small shard sets written by the project's own writer."""
+"""Shared helpers: run the real `mixer` CLI, install missing Debian packages, and small shard sets written by the
+project's own writer."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -24,6 +26,18 @@ def run_mixer(*args: str, env: dict | None = None, timeout: int = 900) -> subpro
         text=True,
         timeout=timeout,
     )
+
+
+def apt_install(*packages: str) -> None:
+    """`apt-get install` Debian packages (those a test found missing). Test workers running side by side take
+    turns: apt allows one at a time."""
+    if not packages:
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    with open("/tmp/mixer-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, capture_output=True)
 
 
 @pytest.fixture(scope="session")

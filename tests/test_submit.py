@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, run_mixer
+from tests.conftest import REPO, apt_install, run_mixer
 
 pytestmark = pytest.mark.slow
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -20,11 +20,7 @@ PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-clien
 
 
 def _install_missing() -> None:
-    missing = [pkg for binary, pkg in {**PACKAGES, "shellcheck": "shellcheck"}.items() if not shutil.which(binary)]
-    if missing:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, capture_output=True)
+    apt_install(*[pkg for binary, pkg in {**PACKAGES, "shellcheck": "shellcheck"}.items() if not shutil.which(binary)])
 
 
 SLURM_CONF = """\

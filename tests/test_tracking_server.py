@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, apt_install
 
 pytestmark = pytest.mark.slow
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -24,9 +24,7 @@ PG_PORT, MLFLOW_PORT = 15432, 15123
 
 def _pg_bin() -> Path:
     if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True, env=env, capture_output=True)
+        apt_install("postgresql")
     return sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1].parent
 
 
