@@ -1,10 +1,11 @@
 """`python -m pipeline.launch`: torchrun (same arguments), except that only the first stop signal counts.
 
 torchrun answers SIGTERM by passing it to its workers and waiting for them (`TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, 30 s by
-default) before it kills them. A second signal during that wait ends torchrun at once, and a scheduler then kills the
-workers it leaves behind, halfway through their checkpoint. Schedulers do send more than one: when Slurm preempts or
-requeues a job it signals every process of the job step, torchrun included, and srun passes on its own SIGTERM too.
-Here signals after the first are ignored, so the workers get the whole shutdown time to save.
+default) before it kills them. Its handler stays in place during that wait: a second signal breaks the wait off
+(torchrun starts it over), a third ends torchrun at once, and a scheduler then kills the workers it leaves behind,
+halfway through their checkpoint. Slurm sends that many when it preempts or requeues a job: to every process of the
+job step, torchrun included, and through srun, which passes on the SIGTERM it got and the batch script's. Here
+signals after the first are ignored, so the workers get the whole shutdown time to save.
 """
 
 from __future__ import annotations
