@@ -1,29 +1,43 @@
-"""Process groups: a process started without a launcher does not need port 29500 to itself."""
+"""Process groups: processes started without a launcher, several at once on one machine, each get their own port."""
 
 import os
-import socket
 import subprocess
 import sys
+import time
 
 from tests.conftest import REPO
 
+# Holds its one-rank group open until the test says `go`, so that both processes have theirs at the same time.
 ONE_RANK = """
-import os, torch.distributed as td
+import os, sys, time
+from pathlib import Path
 from pipeline import dist
+out = Path(sys.argv[1])
 dist.init_process_group(dist.read_env("cpu"))
-print(os.environ["MASTER_PORT"], td.get_world_size())
+(out / f"port{sys.argv[2]}").write_text(os.environ["MASTER_PORT"])
+while not (out / "go").exists():
+    time.sleep(0.1)
 """
 
 
-def test_one_process_without_a_launcher_starts_while_29500_is_taken():
+def test_two_processes_without_a_launcher_run_side_by_side(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    with socket.socket() as taken:
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        taken.bind(("127.0.0.1", 29500))  # another run on this machine
-        taken.listen()
-        result = subprocess.run(
-            [sys.executable, "-c", ONE_RANK], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ONE_RANK, str(tmp_path), str(i)],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-    assert result.returncode == 0, result.stderr[-2000:]
-    port, world_size = result.stdout.split()
-    assert port != "29500" and world_size == "1"
+        for i in range(2)
+    ]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"port{i}").exists() for i in range(2)):
+        if any(p.poll() is not None for p in procs) or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    (tmp_path / "go").touch()
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    assert (tmp_path / "port0").read_text() != (tmp_path / "port1").read_text()
