@@ -84,8 +84,9 @@ def _print_plan(cfg) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage, in every process that a launcher (torchrun, deepspeed, accelerate, srun) started."""
-    from pipeline.train import Preempted, run_stage
+    from pipeline.train import Preempted, Preemption, run_stage
 
+    Preemption.catch()  # a stop signal from here on is a request: set-up and failure handling run to their end
     cfg = load_config(args.config, args.overrides)
     try:
         run_stage(cfg, args.name, args.parent_run_id)

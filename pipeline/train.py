@@ -229,17 +229,26 @@ class Preempted(Exception):
 class Preemption:
     """SIGTERM (preemption, time limit) and SIGUSR1 (Slurm's --signal warning) ask every rank to finish the step it
     is in, save, and exit with REQUEUE_EXIT. Ranks may get the signal at different steps, so they agree on it
-    through one all-reduce per step."""
+    through one all-reduce per step.
+
+    `catch()` turns the signals into that request for the whole life of a rank, from before its set-up: one signalled
+    while it builds its engine stops at its first step, and one that is failing is not killed halfway through its
+    failure handling (torchrun sends SIGTERM to every other rank as soon as one fails)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    requested = False  # since `catch()`, in this process
+
+    @classmethod
+    def catch(cls) -> None:
+        for sig in cls.SIGNALS:
+            signal.signal(sig, cls._request)
+
+    @classmethod
+    def _request(cls, signum: int, frame: object) -> None:
+        cls.requested = True
 
     def __init__(self) -> None:
-        self.requested = False
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame: object) -> None:
-        self.requested = True
+        self.catch()  # already done where `mixer stage` started the rank; a rank started otherwise starts here
 
     def agreed(self, save_due: bool = False) -> tuple[bool, bool]:
         """(stop requested on any rank, a time-based save due on any rank), in one collective."""
