@@ -59,7 +59,7 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         # A process on its own (no launcher) takes any free port, so that several on one machine do not collide.
-        os.environ["MASTER_PORT"] = str(_free_port()) if env.world_size == 1 else "29500"
+        os.environ["MASTER_PORT"] = str(free_port()) if env.world_size == 1 else "29500"
     torch_dist.init_process_group(
         backend="nccl" if env.device.type == "cuda" else "gloo",
         rank=env.rank,
@@ -77,7 +77,8 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
 _host_group: torch_dist.ProcessGroup | None = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

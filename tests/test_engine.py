@@ -1,6 +1,5 @@
 import copy
 import os
-import socket
 from pathlib import Path
 
 import deepspeed
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from deepspeed.runtime import utils as ds_utils
 
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
-from pipeline.dist import init_process_group, read_env
+from pipeline.dist import free_port, init_process_group, read_env
 from pipeline.engine import (
     BackgroundCheckpointEngine,
     _mask_non_finite,
@@ -200,7 +199,4 @@ def test_zero2_skips_a_nan_gradient_step_on_the_device_as_deepspeed_does(tmp_pat
     """Two gloo ranks, ZeRO-2: a clipped step equals DeepSpeed's own bit for bit, and a nan gradient on one rank
     leaves every rank's weights and Adam state unchanged and is counted (through a checkpoint too). That the host
     no longer waits for the norm can only be seen on a GPU (docs/BENCHMARKS.md)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_skip_worker, args=(port, tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(_skip_worker, args=(free_port(), tmp_path), nprocs=2)
