@@ -23,7 +23,7 @@ sys.exit(75)
 """
 
 
-def test_a_second_sigterm_leaves_the_workers_their_time_to_save(tmp_path):
+def test_repeated_sigterms_leave_the_workers_their_time_to_save(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     log = tmp_path / "launcher.log"
     launcher = subprocess.Popen(

@@ -20,7 +20,7 @@ def test_random_generators_round_trip_through_json():
     assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
 
 
-def test_a_stop_signal_before_the_training_loop_is_kept_as_a_request(tmp_path):
+def test_a_stop_signal_before_the_training_loop_is_kept_as_a_request():
     # As `mixer stage` does first thing: SIGTERM during set-up (or while a failing rank closes its runs, when torchrun
     # stops the other ranks) must not end the process there.
     script = """
