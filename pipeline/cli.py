@@ -227,14 +227,18 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         generate=args.generate,
     )
     table = Table(title=f"loader, {result['samples']} samples, {result['image_size']}px crops")
-    for column in ("loader", "workers", "img/s", "img/s per worker", "per-core vs naive"):
+    for column in ("loader", "workers", "img/s", "img/s per worker", "img per CPU-s", "per core vs naive"):
         table.add_column(column, justify="right")
-    table.add_row("naive PIL (1 process)", "0", f"{result['baseline_images_per_s']:.0f}", "", "1.00x")
+    table.add_row(
+        "naive PIL (1 process)", "0", f"{result['baseline_images_per_s']:.0f}", "",
+        f"{result['baseline_images_per_cpu_s']:.0f}", "1.00x",
+    )  # fmt: skip
     table.add_row(
         f"ours, {result['decode']} decode",
         str(result["workers"]),
         f"{result['images_per_s']:.0f}",
-        f"{result['images_per_s_per_worker']:.0f}",
+        f"{result['images_per_s_per_worker']:.0f} ({result['per_worker_speedup']:.2f}x)",
+        f"{result['images_per_cpu_s']:.0f}",
         f"{result['per_core_speedup']:.2f}x",
     )
     console.print(table)

@@ -4,11 +4,15 @@ Baseline: one process, plain webdataset iteration, PIL open + convert("RGB") + R
 what a first loader looks like. Ours: the training stream (`TrainStream`) with N workers, CPU path (torchvision
 decode to uint8, transforms v2 on uint8, batches stay uint8 until the device) or GPU path (nvJPEG batch decode +
 augmentation on the GPU). Without `--shards`, JPEGs of ImageNet's typical 500x375 size are generated first.
+
+"Per core" compares images per CPU-second: ours counts the workers' CPU time and the training process's (which
+receives the batches and turns them into model input), the baseline its one process's.
 """
 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import tempfile
 import time
@@ -26,27 +30,55 @@ from pipeline.data.synthetic import make_photo_shards
 from pipeline.data.transforms import normalize, stack_images, train_transform
 
 
-def naive_baseline(urls: list[str], images: int, image_size: int) -> float:
-    """Images/s of the naive single-process loader (one intra-op thread: one core)."""
+class CpuClock:
+    """Wall time, and CPU time of this process and of its live child processes (loader workers), since creation.
+
+    CPU time is what "per core" means: a rate per CPU-second does not depend on how busy the machine's other
+    cores are, which moves the wall-clock rate of one process by a third between runs on the same machine."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        ticks = 0
+        for child in multiprocessing.active_children():
+            try:
+                with open(f"/proc/{child.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # not Linux, or the child just ended: it is not counted
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return time.perf_counter(), time.process_time(), ticks / os.sysconf("SC_CLK_TCK")
+
+    def elapsed(self) -> tuple[float, float, float]:
+        """Seconds since creation: (wall clock, this process's CPU, the child processes' CPU)."""
+        return tuple(now - then for now, then in zip(self._now(), self.start, strict=True))
+
+
+def naive_baseline(urls: list[str], images: int, image_size: int) -> tuple[float, float]:
+    """Images/s and images per CPU-second of the naive single-process loader (one intra-op thread: one core)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     transform = T.Compose([T.RandomResizedCrop(image_size), T.ToTensor()])
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat()
-    start = 0.0
+    clock = None
     for done, sample in enumerate(dataset):
         if done == 20:  # warm-up: file cache, first allocations
-            start = time.perf_counter()
+            clock = CpuClock()
         if done == images + 20:
             break
         transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+    wall, cpu, _ = clock.elapsed()
     torch.set_num_threads(threads)
-    return images / (time.perf_counter() - start)
+    return images / wall, images / cpu
 
 
 def loader_rate(
     source: Source, *, workers: int, batch: int, batches: int, image_size: int, decode: str, randaugment: int
-) -> float:
-    """Images/s of the training stream, including the step to model input on the device."""
+) -> dict:
+    """Images/s of the training stream, including the step to model input on the device, and the CPU seconds
+    its workers and this process spent per image."""
     augment = AugmentConfig(randaugment_magnitude=randaugment)
     # As in training: batches go to the GPU (when there is one) and become float input there.
     device = torch.device("cuda" if decode == "gpu" or torch.cuda.is_available() else "cpu")
@@ -63,19 +95,31 @@ def loader_rate(
         prepare = cpu_prepare(train_transform(augment, image_size))
         stream = TrainStream(plan, prepare, collate=stack_images, prefetch=4)
     warmup = max(3, workers)
+    # One intra-op thread, as in each worker and in the baseline: idle OpenMP threads spin, which CPU time would
+    # count as work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with stream:
         for i in range(warmup + batches):
             if i == warmup:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                start = time.perf_counter()
+                clock = CpuClock()
             images, labels = next(stream)
             if finish is not None:
                 images = finish(images)
             normalize(images.to(device, non_blocking=True))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return batches * batch / (time.perf_counter() - start)
+        wall, main_cpu, workers_cpu = clock.elapsed()
+    torch.set_num_threads(threads)
+    count = batches * batch
+    return {
+        "images_per_s": count / wall,
+        "images_per_cpu_s": count / (main_cpu + workers_cpu),
+        "worker_cpu_ms_per_image": 1e3 * workers_cpu / count,
+        "main_cpu_ms_per_image": 1e3 * main_cpu / count,
+    }
 
 
 def run_data_bench(
@@ -106,8 +150,9 @@ def run_data_bench(
         randaugment=randaugment,
     )
     baseline_runs.append(naive_baseline(list(source.urls), baseline_images, image_size))
-    baseline = sum(baseline_runs) / len(baseline_runs)
-    cores = max(1, workers)
+    baseline = sum(wall for wall, _ in baseline_runs) / len(baseline_runs)
+    baseline_per_cpu_s = sum(cpu for _, cpu in baseline_runs) / len(baseline_runs)
+    per_worker = ours["images_per_s"] / max(1, workers)
     return {
         "shards": shards,
         "samples": source.num_samples,
@@ -118,9 +163,12 @@ def run_data_bench(
         "randaugment": randaugment,
         "device": torch.cuda.get_device_name() if decode == "gpu" else "cpu",
         "cpu_cores": os.cpu_count(),
-        "images_per_s": ours,
+        **ours,
         "baseline_images_per_s": baseline,
-        "baseline_runs_images_per_s": baseline_runs,
-        "images_per_s_per_worker": ours / cores,
-        "per_core_speedup": ours / cores / baseline,
+        "baseline_runs_images_per_s": [wall for wall, _ in baseline_runs],
+        "baseline_images_per_cpu_s": baseline_per_cpu_s,
+        "baseline_runs_images_per_cpu_s": [cpu for _, cpu in baseline_runs],
+        "images_per_s_per_worker": per_worker,
+        "per_worker_speedup": per_worker / baseline,
+        "per_core_speedup": ours["images_per_cpu_s"] / baseline_per_cpu_s,
     }
