@@ -18,6 +18,7 @@ from pipeline.config import AugmentConfig
 from pipeline.data.shards import read_index
 from pipeline.data.stream import eval_batches
 from pipeline.data.transforms import eval_transform, normalize
+from pipeline.dist import free_port
 from pipeline.stages import launch_command
 from tests.conftest import REPO, run_mixer
 
@@ -167,7 +168,7 @@ def test_the_deepspeed_launcher_starts_the_same_stage(tiny_run, tmp_path):
             "--num_gpus",
             "2",
             "--master_port",
-            "29533",
+            str(free_port()),
             "--module",
             "pipeline",
             "stage",

@@ -25,6 +25,7 @@ from pipeline.data.stream import (
     split_shares,
 )
 from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.dist import free_port
 
 PREPARE = cpu_prepare(train_transform(AugmentConfig(crop_scale=(0.5, 1.0)), 16))
 
@@ -104,8 +105,8 @@ def _rank_main(rank: int, source: Source, out: str, port: int) -> None:
 
 def test_two_ranks_on_very_uneven_shards_run_the_same_steps(tmp_path):
     source = uneven_shards(tmp_path / "s", (150, 25, 5))  # 3 shards of very different sizes
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, source, str(tmp_path), 29517)) for r in range(2)]
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, source, str(tmp_path), port)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
