@@ -22,18 +22,29 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import dist, weights
-from pipeline import engine as eng
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.layout import RunLayout, StageLayout
 from pipeline.models.mixer import MixerSpec, MlpMixer, grow_resolution
+
+if TYPE_CHECKING:
+    from pipeline.engine import Engine
 
 MANIFEST = "manifest.json"  # written last: a checkpoint without one is incomplete and never `latest`
 LATEST = "latest"
 UNIVERSAL = "universal"  # inside a tag: its universal conversion, for another number of ranks
 HASHES = "hashes"  # background saves: each rank's list of the files it wrote, with sizes and SHA-256
 META = "meta.json"  # step, fingerprint and settings as JSON: checked before DeepSpeed reads any tensor
+
+
+def _engine():
+    """`pipeline.engine`, imported at first use: it imports deepspeed (~6 s of start-up), which a process that only
+    plans and launches stages (`mixer run`, `mixer submit`) never needs."""
+    from pipeline import engine
+
+    return engine
 
 
 class CheckpointError(RuntimeError):
@@ -96,14 +107,14 @@ class Saver:
     """
 
     def __init__(
-        self, engine: eng.Engine, directory: Path, *, rank: int, world_size: int, keep: int, background: bool
+        self, engine: Engine, directory: Path, *, rank: int, world_size: int, keep: int, background: bool
     ) -> None:
         self.engine, self.directory = engine, directory
         self.rank, self.world_size, self.keep, self.background = rank, world_size, keep, background
         self._finishing: threading.Thread | None = None
         self._error: BaseException | None = None
         if background:
-            eng.write_in_background(engine)
+            _engine().write_in_background(engine)
 
     def save(self, step: int, client_state: dict, data_state: dict | None = None, rng_state: dict | None = None) -> str:
         """Collective: checkpoint `step` with this rank's data position and random generators; returns its tag."""
@@ -122,7 +133,7 @@ class Saver:
             (directory / tag).mkdir(parents=True, exist_ok=True)
             (directory / tag / META).write_text(json.dumps({"step": step, **client_state}))
             own.append(directory / tag / META)
-        eng.save_checkpoint(self.engine, directory, tag, {"step": step, **client_state})
+        _engine().save_checkpoint(self.engine, directory, tag, {"step": step, **client_state})
         if not self.background:
             dist.barrier()  # every rank's files are on disk
             files = _files(directory / tag)[rank :: self.world_size]
@@ -148,7 +159,7 @@ class Saver:
 
     def _finish(self, tag: str, step: int, own: list[Path], timeout_s: float = 3600) -> None:
         try:
-            hashes = self._hashes(tag, own + eng.saved_files(self.engine))
+            hashes = self._hashes(tag, own + _engine().saved_files(self.engine))
             (self.directory / tag / HASHES).mkdir(parents=True, exist_ok=True)
             _atomic_write(self.directory / tag / HASHES / f"rank{self.rank:05d}.json", json.dumps(hashes))
             if self.rank != 0:
@@ -234,7 +245,7 @@ def saved_world_size(directory: Path, tag: str) -> int:
 
 
 def check_reshardable(saved_ranks: int, world_size: int, optimizer: str, zero_stage: int) -> None:
-    """Refuse a world-size change that DeepSpeed's universal conversion cannot carry exactly (`eng.to_universal`)."""
+    """Refuse a world-size change that DeepSpeed's universal conversion cannot carry exactly (`engine.to_universal`)."""
     if saved_ranks == world_size:
         return
     change = f"the checkpoint was written by {saved_ranks} ranks, this job has {world_size}"
@@ -257,14 +268,14 @@ def universal(directory: Path, tag: str, rank: int = 0) -> Path:
     if rank == 0 and not target.exists():
         tmp = target.with_name(UNIVERSAL + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        eng.to_universal(directory / tag, tmp)
+        _engine().to_universal(directory / tag, tmp)
         os.replace(tmp, target)
     dist.barrier()
     return target
 
 
 def resume(
-    engine: eng.Engine,
+    engine: Engine,
     directory: Path,
     tag: str,
     fingerprint: dict,
@@ -279,9 +290,9 @@ def resume(
     meta = json.loads((directory / tag / META).read_text())
     check_compatible(meta.get("fingerprint", {}), fingerprint)
     if reshard:
-        eng.load_checkpoint(engine, directory / tag, universal(directory, tag, rank).name)
+        _engine().load_checkpoint(engine, directory / tag, universal(directory, tag, rank).name)
     else:
-        eng.load_checkpoint(engine, directory, tag)
+        _engine().load_checkpoint(engine, directory, tag)
     return meta
 
 
@@ -302,11 +313,11 @@ def rng_state(directory: Path, tag: str, rank: int) -> dict | None:
 
 
 def export(
-    engine: eng.Engine, layout: StageLayout, tag: str, spec: MixerSpec, num_classes: int, zero_stage: int, gelu: str
+    engine: Engine, layout: StageLayout, tag: str, spec: MixerSpec, num_classes: int, zero_stage: int, gelu: str
 ) -> Path:
     """Consolidated fp32 weights as safetensors + model.json; call on the primary rank after the save."""
     if zero_stage >= 1:
-        state = eng.consolidated_state_dict(layout.checkpoints, tag)
+        state = _engine().consolidated_state_dict(layout.checkpoints, tag)
     else:  # without ZeRO every rank holds the whole model
         state = {k: v.float() for k, v in engine.module.state_dict().items()}
     weights.write_export(weights.Weights(state, spec, num_classes, gelu), layout.weights)
@@ -322,7 +333,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> weights.Weights:
     directory, tag = resume_source(str(source))
     verify(directory, tag)
     fingerprint = json.loads((directory / tag / META).read_text())["fingerprint"]
-    state = eng.consolidated_state_dict(directory, tag, fingerprint["zero_stage"])
+    state = _engine().consolidated_state_dict(directory, tag, fingerprint["zero_stage"])
     spec = MixerSpec(**fingerprint["model"])
     exported = weights.Weights(state, spec, fingerprint["num_classes"], fingerprint["gelu"])
     weights.write_export(exported, Path(out))
