@@ -33,8 +33,8 @@ from pipeline.data.transforms import normalize, stack_images, train_transform
 class CpuClock:
     """Wall time, and CPU time of this process and of its live child processes (loader workers), since creation.
 
-    CPU time is what "per core" means: a rate per CPU-second does not depend on how busy the machine's other
-    cores are, which moves the wall-clock rate of one process by a third between runs on the same machine."""
+    CPU time is what "per core" means: it counts the work an image took in every process involved, and not the
+    time a worker waited for a core that another process held."""
 
     def __init__(self) -> None:
         self.start = self._now()
