@@ -11,11 +11,13 @@ receives the batches and turns them into model input), the baseline its one proc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -56,21 +58,31 @@ class CpuClock:
         return tuple(now - then for now, then in zip(self._now(), self.start, strict=True))
 
 
-def naive_baseline(urls: list[str], images: int, image_size: int) -> tuple[float, float]:
-    """Images/s and images per CPU-second of the naive single-process loader (one intra-op thread: one core)."""
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """This process on one intra-op thread, as each loader worker runs: one core's work, and no idle OpenMP threads
+    spinning, which CPU time would count as work."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def naive_baseline(urls: list[str], images: int, image_size: int) -> tuple[float, float]:
+    """Images/s and images per CPU-second of the naive single-process loader (one intra-op thread: one core)."""
     transform = T.Compose([T.RandomResizedCrop(image_size), T.ToTensor()])
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat()
     clock = None
-    for done, sample in enumerate(dataset):
-        if done == 20:  # warm-up: file cache, first allocations
-            clock = CpuClock()
-        if done == images + 20:
-            break
-        transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
-    wall, cpu, _ = clock.elapsed()
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        for done, sample in enumerate(dataset):
+            if done == 20:  # warm-up: file cache, first allocations
+                clock = CpuClock()
+            if done == images + 20:
+                break
+            transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        wall, cpu, _ = clock.elapsed()
     return images / wall, images / cpu
 
 
@@ -95,11 +107,7 @@ def loader_rate(
         prepare = cpu_prepare(train_transform(augment, image_size))
         stream = TrainStream(plan, prepare, collate=stack_images, prefetch=4)
     warmup = max(3, workers)
-    # One intra-op thread, as in each worker and in the baseline: idle OpenMP threads spin, which CPU time would
-    # count as work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with stream:
+    with one_intra_op_thread(), stream:
         for i in range(warmup + batches):
             if i == warmup:
                 if device.type == "cuda":
@@ -112,7 +120,6 @@ def loader_rate(
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall, main_cpu, workers_cpu = clock.elapsed()
-    torch.set_num_threads(threads)
     count = batches * batch
     return {
         "images_per_s": count / wall,
