@@ -11,12 +11,15 @@ Parameter names follow the official Flax checkpoints one-to-one:
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import StochasticDepth
+from torchvision.ops import StochasticDepth, stochastic_depth
 
 # Flax's LayerNorm epsilon; the official checkpoints were trained with it.
 LAYER_NORM_EPS = 1e-6
@@ -62,14 +65,65 @@ VARIANTS: dict[str, MixerSpec] = {
 }
 
 
+# One block's parameters, by their names inside `MixerBlock` (in the official checkpoints: MixerBlock_{i}/...).
+BLOCK_PARAMETERS = (
+    "token_norm.weight",
+    "token_norm.bias",
+    "token_mixing.dense_0.weight",
+    "token_mixing.dense_0.bias",
+    "token_mixing.dense_1.weight",
+    "token_mixing.dense_1.bias",
+    "channel_norm.weight",
+    "channel_norm.bias",
+    "channel_mixing.dense_0.weight",
+    "channel_mixing.dense_0.bias",
+    "channel_mixing.dense_1.weight",
+    "channel_mixing.dense_1.bias",
+)
+
+Layer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mixer_block(
+    x: torch.Tensor, token_norm: Layer, mix_tokens: Layer, channel_norm: Layer, mix_channels: Layer, drop: Layer
+) -> torch.Tensor:
+    """One Mixer block on x (B, S, C): token mixing across patches (shared over channels), then channel mixing
+    (shared over patches), each a pre-norm residual branch."""
+    y = token_norm(x).transpose(1, 2)  # (B, C, S): mix along S
+    x = x + drop(mix_tokens(y).transpose(1, 2))
+    return x + drop(mix_channels(channel_norm(x)))
+
+
+def mlp(
+    y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, act: Layer, pad: int = 0
+) -> torch.Tensor:
+    """Dense -> act -> Dense over the last axis of y. With `pad`, that axis runs padded with `pad` zeros: zero inputs
+    times zero weight columns add nothing, and the padded outputs are cut off, so the result is the same."""
+    if pad:
+        y, w0 = F.pad(y, (0, pad)), F.pad(w0, (0, pad))
+        w1, b1 = F.pad(w1, (0, 0, 0, pad)), F.pad(b1, (0, pad))
+    out = F.linear(act(F.linear(y, w0, b0)), w1, b1)
+    return out[..., :-pad] if pad else out
+
+
+def _token_pad(spec: MixerSpec) -> int:
+    """Zeros that pad the patch axis to a multiple of 16 (196 -> 208 at 224/16): rows of 196 bf16 values are not
+    16-byte aligned, and cuBLAS then falls back to GEMMs 2-3x slower (docs/BENCHMARKS.md)."""
+    return -spec.num_patches % 16
+
+
+def _gelu(gelu: str) -> nn.GELU:
+    # "exact" is torch's and timm's GELU; "tanh" is Flax's default approximation.
+    return nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+
+
 class MlpBlock(nn.Module):
     """Dense -> GELU -> Dense, applied over the last axis."""
 
     def __init__(self, dim: int, mlp_dim: int, gelu: str) -> None:
         super().__init__()
         self.dense_0 = nn.Linear(dim, mlp_dim)
-        # "exact" is torch's and timm's GELU; "tanh" is Flax's default approximation.
-        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.act = _gelu(gelu)
         self.dense_1 = nn.Linear(mlp_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,30 +139,128 @@ class MixerBlock(nn.Module):
         # Over the patch axis through a transposed view: measured on an H100, torch.compile fuses these transposes
         # into the neighbouring kernels, and that beat a transpose-free batched matmul (docs/BENCHMARKS.md).
         self.token_mixing = MlpBlock(spec.num_patches, spec.tokens_mlp_dim, gelu)
-        # The patch axis runs padded with zeros to a multiple of 16 (196 -> 208 at 224/16): rows of 196 bf16 values
-        # are not 16-byte aligned, and cuBLAS then falls back to GEMMs 2-3x slower (docs/BENCHMARKS.md).
-        self.token_pad = -spec.num_patches % 16
+        self.token_pad = _token_pad(spec)
         self.channel_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         self.channel_mixing = MlpBlock(spec.hidden_dim, spec.channels_mlp_dim, gelu)
         # "row" drops the whole residual branch per sample, as stochastic depth does.
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, C)
-        y = self.token_norm(x).transpose(1, 2)  # (B, C, S): mix along S
-        x = x + self.drop_path(self._mix_tokens(y).transpose(1, 2))
-        x = x + self.drop_path(self.channel_mixing(self.channel_norm(x)))
-        return x
+        return mixer_block(x, self.token_norm, self._mix_tokens, self.channel_norm, self.channel_mixing, self.drop_path)
 
     def _mix_tokens(self, y: torch.Tensor) -> torch.Tensor:
-        """`token_mixing(y)` with S padded by `token_pad` zeros: zero inputs times zero weight columns add nothing,
-        and the padded outputs are cut off, so the result is the same."""
-        pad = self.token_pad
-        if not pad:
+        """`token_mixing(y)`, with the patch axis padded by `token_pad` zeros."""
+        if not self.token_pad:
             return self.token_mixing(y)
-        mlp = self.token_mixing
-        hidden = mlp.act(F.linear(F.pad(y, (0, pad)), F.pad(mlp.dense_0.weight, (0, pad)), mlp.dense_0.bias))
-        out = F.linear(hidden, F.pad(mlp.dense_1.weight, (0, 0, 0, pad)), F.pad(mlp.dense_1.bias, (0, pad)))
-        return out[..., :-pad]
+        m = self.token_mixing
+        return mlp(y, m.dense_0.weight, m.dense_0.bias, m.dense_1.weight, m.dense_1.bias, m.act, self.token_pad)
+
+
+class StackedBlocks(nn.Module):
+    """The N Mixer blocks with each of a block's 12 parameters stacked along a leading block axis: 12 parameter
+    tensors in all, instead of 12 N, and the same arithmetic as N `MixerBlock`s.
+
+    DeepSpeed's ZeRO does its host-side bookkeeping (gradient hooks, bucket copies, norms) once per parameter
+    tensor; at H/14's 390 tensors that host work outlasted the GPU's step (docs/BENCHMARKS.md). `state_dict()` and
+    `load_state_dict()` speak the per-block names (`blocks.{i}.token_norm.weight`), so weight files are the same
+    either way; ZeRO's own checkpoint partitions follow the stacked layout."""
+
+    def __init__(self, spec: MixerSpec, drop_paths: list[float], gelu: str) -> None:
+        super().__init__()
+        n, c, s = spec.num_blocks, spec.hidden_dim, spec.num_patches
+        shapes = {
+            "token_mixing.dense_0.weight": (spec.tokens_mlp_dim, s),
+            "token_mixing.dense_1.weight": (s, spec.tokens_mlp_dim),
+            "channel_mixing.dense_0.weight": (spec.channels_mlp_dim, c),
+            "channel_mixing.dense_1.weight": (c, spec.channels_mlp_dim),
+        }
+        for name in BLOCK_PARAMETERS:
+            *path, leaf = name.split(".")
+            owner = self
+            for part in path:  # plain modules that only name the parameters, as in MixerBlock
+                if part not in owner._modules:
+                    owner.add_module(part, nn.Module())
+                owner = owner._modules[part]
+            if name.endswith(".bias"):
+                rows = shapes[name.replace(".bias", ".weight")][0] if "mixing" in name else c
+                value = torch.zeros(n, rows)
+            else:
+                value = torch.empty(n, *shapes[name]) if name in shapes else torch.ones(n, c)
+            owner.register_parameter(leaf, nn.Parameter(value))
+        self.hidden_dim, self.token_pad, self.drop_paths = c, _token_pad(spec), drop_paths
+        self.act = _gelu(gelu)
+        self.register_state_dict_post_hook(_unstack_hook)
+        self.register_load_state_dict_pre_hook(_stack_hook)
+
+    def __len__(self) -> int:
+        return len(self.drop_paths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, C)
+        per_block = zip(*(self.get_parameter(name).unbind(0) for name in BLOCK_PARAMETERS), strict=True)
+        for rate, values in zip(self.drop_paths, per_block, strict=True):
+            p = dict(zip(BLOCK_PARAMETERS, values, strict=True))
+            x = mixer_block(
+                x,
+                partial(self._norm, weight=p["token_norm.weight"], bias=p["token_norm.bias"]),
+                partial(mlp, **self._dense(p, "token_mixing"), act=self.act, pad=self.token_pad),
+                partial(self._norm, weight=p["channel_norm.weight"], bias=p["channel_norm.bias"]),
+                partial(mlp, **self._dense(p, "channel_mixing"), act=self.act),
+                partial(stochastic_depth, p=rate, mode="row", training=self.training),
+            )
+        return x
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.hidden_dim,), weight, bias, LAYER_NORM_EPS)
+
+    @staticmethod
+    def _dense(p: dict[str, torch.Tensor], mixing: str) -> dict[str, torch.Tensor]:
+        return {
+            "w0": p[f"{mixing}.dense_0.weight"],
+            "b0": p[f"{mixing}.dense_0.bias"],
+            "w1": p[f"{mixing}.dense_1.weight"],
+            "b1": p[f"{mixing}.dense_1.bias"],
+        }
+
+
+def _unstack_hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    stacked = {name: state[prefix + name].detach() for name in BLOCK_PARAMETERS}
+    if any(v.ndim < 2 for v in stacked.values()):  # ZeRO-3's empty stand-ins for partitioned parameters
+        return
+    for name in BLOCK_PARAMETERS:
+        del state[prefix + name]
+    state.update(_per_block(stacked, prefix))
+
+
+def _per_block(stacked: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Stacked block parameters (names without a block number) as per-block entries, block by block as
+    `MixerBlock`s list them; each has its own storage (safetensors refuses tensors that share one)."""
+    n = len(next(iter(stacked.values())))
+    return {f"{prefix}{i}.{name}": value[i].clone() for i in range(n) for name, value in stacked.items()}
+
+
+def _stack_hook(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    for name in BLOCK_PARAMETERS:
+        keys = [f"{prefix}{i}.{name}" for i in range(len(module))]
+        if prefix + name not in state and all(k in state for k in keys):
+            state[prefix + name] = torch.stack([state.pop(k) for k in keys])
+
+
+# A stacked parameter's name in a state dict: `blocks.` and one of BLOCK_PARAMETERS, with no block number.
+_STACKED_KEY = re.compile(r"^blocks\.((?:token|channel)_(?:norm|mixing)\..*)$")
+
+
+def unstack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the stacked block parameters (`blocks.token_norm.weight`, (N, C)) split into the per-block
+    names (`blocks.{i}.token_norm.weight`), in their place: what ZeRO's consolidation of a stacked model's
+    checkpoint gives, in the names every weight file uses."""
+    stacked = {m.group(1): v for k, v in state.items() if (m := _STACKED_KEY.match(k))}
+    out = {}
+    for key, value in state.items():
+        if not _STACKED_KEY.match(key):
+            out[key] = value
+        elif not any(k.startswith("blocks.0.") for k in out):  # the first stacked key: all blocks go here
+            out.update(_per_block(stacked, "blocks."))
+    return out
 
 
 class MlpMixer(nn.Module):
@@ -121,6 +273,7 @@ class MlpMixer(nn.Module):
         stoch_depth: float = 0.0,
         dropout: float = 0.0,
         gelu: str = "exact",
+        stacked: bool = False,
     ) -> None:
         super().__init__()
         spec.validate()
@@ -130,7 +283,10 @@ class MlpMixer(nn.Module):
         self.stem = nn.Conv2d(3, spec.hidden_dim, kernel_size=p, stride=p)
         # Stochastic depth rises linearly from 0 at the first block to `stoch_depth` at the last.
         rates = [stoch_depth * i / max(spec.num_blocks - 1, 1) for i in range(spec.num_blocks)]
-        self.blocks = nn.ModuleList(MixerBlock(spec, r, gelu) for r in rates)
+        # `stacked`: one tensor per block parameter across all blocks (see StackedBlocks); the same model.
+        self.blocks = (
+            StackedBlocks(spec, rates, gelu) if stacked else nn.Sequential(*(MixerBlock(spec, r, gelu) for r in rates))
+        )
         self.pre_head_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(spec.hidden_dim, num_classes)
@@ -141,11 +297,12 @@ class MlpMixer(nn.Module):
         fan_in = self.stem.in_channels * self.spec.patch_size**2
         nn.init.trunc_normal_(self.stem.weight, std=math.sqrt(1.0 / fan_in))
         nn.init.zeros_(self.stem.bias)
-        for block in self.blocks:
-            for mlp in (block.token_mixing, block.channel_mixing):
-                for dense in (mlp.dense_0, mlp.dense_1):
-                    nn.init.xavier_uniform_(dense.weight)
-                    nn.init.zeros_(dense.bias)
+        for name, p in self.blocks.named_parameters():
+            if "mixing" in name and name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "mixing" in name:  # a dense kernel, or one per block along the stacked axis
+                for kernel in p.unbind(0) if p.ndim == 3 else (p,):
+                    nn.init.xavier_uniform_(kernel)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -153,8 +310,7 @@ class MlpMixer(nn.Module):
         """Pre-logit features (B, C): what few-shot and linear probes read."""
         x = self.stem(images)  # (B, C, H/P, W/P)
         x = x.flatten(2).transpose(1, 2)  # (B, S, C)
-        for block in self.blocks:
-            x = block(x)
+        x = self.blocks(x)
         return self.pre_head_norm(x).mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # images: (B, 3, H, W)

@@ -1,17 +1,26 @@
 import pytest
 import torch
 
-from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer, count_params, grow_resolution
+from pipeline.models.mixer import (
+    BLOCK_PARAMETERS,
+    VARIANTS,
+    MixerSpec,
+    MlpMixer,
+    count_params,
+    grow_resolution,
+    unstack_state,
+)
 
 # Table 1 of the paper, millions of parameters without the head, at 224x224.
 TABLE_1 = {"S/32": 19, "S/16": 18, "B/32": 60, "B/16": 59, "L/32": 206, "L/16": 207, "H/14": 431}
 TINY = MixerSpec(num_blocks=2, patch_size=4, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32, image_size=16)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_parameter_counts_match_table_1(name):
+def test_variant_parameter_counts_match_table_1(name, stacked):
     with torch.device("meta"):
-        model = MlpMixer(VARIANTS[name], num_classes=1000)
+        model = MlpMixer(VARIANTS[name], num_classes=1000, stacked=stacked)
     assert round(count_params(model) / 1e6) == TABLE_1[name]
     assert count_params(model, include_head=True) - count_params(model) == 1000 * VARIANTS[name].hidden_dim + 1000
 
@@ -140,15 +149,17 @@ def test_grown_token_mixing_is_block_diagonal():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
-def test_compiled_bf16_autocast_model_matches_eager_fp32_logits_and_gradients(mode):
+@pytest.mark.parametrize(
+    ("mode", "stacked"), [("default", False), ("max-autotune-no-cudagraphs", False), ("default", True)]
+)
+def test_compiled_bf16_autocast_model_matches_eager_fp32_logits_and_gradients(mode, stacked):
     """The fast path (`deepspeed.compile`, `precision: autocast`) against the plain eager fp32 model: the same
     logits and gradients up to bf16 rounding (its 8-bit mantissa gives ~0.4% per product)."""
     torch.manual_seed(0)
     spec = MixerSpec(2, 4, 32, 16, 64, 16)
     eager = MlpMixer(spec, num_classes=5)
     torch.nn.init.normal_(eager.head.weight, std=0.2)  # a zero head would make every logit and most gradients 0
-    fast = MlpMixer(spec, num_classes=5)
+    fast = MlpMixer(spec, num_classes=5, stacked=stacked)
     fast.load_state_dict(eager.state_dict())
     fast.compile(mode=mode)
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
@@ -157,7 +168,7 @@ def test_compiled_bf16_autocast_model_matches_eager_fp32_logits_and_gradients(mo
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(images).float()
         torch.nn.functional.cross_entropy(logits, labels).backward()
-        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+        return logits.detach(), unstack_state({n: p.grad for n, p in model.named_parameters()})
 
     ref_logits, ref_grads = run(eager, autocast=False)
     eager.zero_grad()
@@ -171,3 +182,70 @@ def test_compiled_bf16_autocast_model_matches_eager_fp32_logits_and_gradients(mo
         # within 3% of the gradient, or no further off than eager bf16 (token-mixing output biases shift a token's
         # channels alike, which every later LayerNorm removes: their true gradient is 0, only noise is left)
         assert err <= max(0.03 * grad.norm(), 2 * noise), f"{name}: error {err:.3g}, eager bf16 {noise:.3g}"
+
+
+def _stacked_and_per_block_pair(spec: MixerSpec, **kw) -> tuple[MlpMixer, MlpMixer]:
+    """A per-block model with every parameter random (zero biases and head would hide misplaced ones), and the
+    stacked model loaded from its state dict."""
+    torch.manual_seed(0)
+    per_block = MlpMixer(spec, num_classes=5, **kw)
+    for p in per_block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    stacked = MlpMixer(spec, num_classes=5, stacked=True, **kw)
+    stacked.load_state_dict(per_block.state_dict())
+    return per_block, stacked
+
+
+def test_stacked_blocks_hold_one_tensor_per_block_parameter_and_speak_per_block_names():
+    spec = MixerSpec(num_blocks=3, patch_size=4, hidden_dim=8, tokens_mlp_dim=6, channels_mlp_dim=16, image_size=20)
+    per_block, stacked = _stacked_and_per_block_pair(spec)
+    names = [n for n, _ in stacked.named_parameters()]
+    assert [n for n in names if n.startswith("blocks.")] == [f"blocks.{n}" for n in BLOCK_PARAMETERS]
+    assert stacked.get_parameter("blocks.token_mixing.dense_0.weight").shape == (3, 6, 25)
+    assert len(list(per_block.parameters())) == len(names) + 12 * 2
+    state, expected = stacked.state_dict(), per_block.state_dict()
+    assert list(state) == list(expected)  # the weight files' names and order, both ways
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in state.values())  # no views
+    back = MlpMixer(spec, num_classes=5)
+    back.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(back.parameters(), per_block.parameters(), strict=True))
+    with pytest.raises(RuntimeError, match="Missing key"):  # a block short: refused, not half-stacked
+        MlpMixer(spec, num_classes=5, stacked=True).load_state_dict(
+            {k: v for k, v in expected.items() if ".2." not in k}
+        )
+
+
+def test_stacked_model_is_the_same_function_with_the_same_gradients():
+    """Stacking changes where the weights live, not the arithmetic: logits (stochastic depth on, same seed) and
+    every gradient match the per-block model bit for bit."""
+    spec = MixerSpec(num_blocks=3, patch_size=4, hidden_dim=8, tokens_mlp_dim=6, channels_mlp_dim=16, image_size=20)
+    per_block, stacked = _stacked_and_per_block_pair(spec, stoch_depth=0.5)
+    images = torch.randn(6, 3, 20, 20)
+    results = []
+    for model in (per_block, stacked):
+        torch.manual_seed(1)
+        logits = model(images)
+        logits.square().sum().backward()
+        grads = unstack_state({n: p.grad for n, p in model.named_parameters()})
+        results.append((logits.detach(), grads))
+    (ref_logits, ref_grads), (logits, grads) = results
+    assert torch.equal(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
+    model = per_block.eval()  # and stochastic depth is off in eval for both
+    assert torch.equal(model(images), stacked.eval()(images))
+
+
+def test_unstack_state_splits_only_stacked_keys():
+    spec = MixerSpec(num_blocks=2, patch_size=4, hidden_dim=8, tokens_mlp_dim=6, channels_mlp_dim=16, image_size=16)
+    per_block, stacked = _stacked_and_per_block_pair(spec)
+    raw = {n: p.detach() for n, p in stacked.named_parameters()}  # as ZeRO's consolidation names them
+    out = unstack_state(raw)
+    assert (
+        list(out) == sorted(per_block.state_dict(), key=list(out).index) and out.keys() == per_block.state_dict().keys()
+    )
+    assert all(torch.equal(out[k], v) for k, v in per_block.state_dict().items())
+    assert unstack_state(per_block.state_dict()).keys() == per_block.state_dict().keys()  # per-block: unchanged
