@@ -92,16 +92,28 @@ def timm_model(spec: MixerSpec) -> torch.nn.Module:
 
 
 def _deepspeed_step(
-    spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict, gelu: str = "exact"
+    spec: MixerSpec,
+    batch: int,
+    zero_stage: int,
+    compile_mode: str | None,
+    ds_options: dict,
+    gelu: str = "exact",
+    stacked: bool = False,
 ) -> Step:
     """The step `mixer run` takes: DeepSpeed engine, fused AdamW, clipping; bf16 weights with fp32 master copies,
     or (`precision: autocast` in `ds_options`) fp32 weights with bf16 matrix products under autocast."""
-    engine = _deepspeed_engine(spec, batch, zero_stage, compile_mode, ds_options, gelu)
+    engine = _deepspeed_engine(spec, batch, zero_stage, compile_mode, ds_options, gelu, stacked)
     return _engine_step(engine, torch.float32 if ds_options.get("precision") == "autocast" else torch.bfloat16)
 
 
 def _deepspeed_engine(
-    spec: MixerSpec, batch: int, zero_stage: int, compile_mode: str | None, ds_options: dict, gelu: str = "exact"
+    spec: MixerSpec,
+    batch: int,
+    zero_stage: int,
+    compile_mode: str | None,
+    ds_options: dict,
+    gelu: str = "exact",
+    stacked: bool = False,
 ) -> eng.Engine:
     stage = StageConfig(
         name="bench",
@@ -113,7 +125,8 @@ def _deepspeed_engine(
     )
     ds = DeepSpeedConfig(**{"zero_stage": zero_stage, "precision": "bf16", **ds_options})
     config = eng.build_config(stage, ds, 1, torch.device("cuda"))
-    return eng.build_engine(MlpMixer(spec, NUM_CLASSES, gelu=gelu), stage, config, compile_mode, ds.fp8)
+    model = MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked)
+    return eng.build_engine(model, stage, config, compile_mode, ds.fp8)
 
 
 def _engine_step(engine: eng.Engine, dtype: torch.dtype = torch.bfloat16) -> Step:
@@ -206,27 +219,32 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[
     """Every variant by name: timm's model, ours without DeepSpeed, and ours in DeepSpeed's engine per ZeRO stage,
     compile mode and precision."""
 
-    def ours() -> MlpMixer:
-        return MlpMixer(spec, NUM_CLASSES, gelu=gelu)
+    def ours(stacked: bool = False) -> MlpMixer:
+        return MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked)
 
     builders: dict[str, Callable[[], Step]] = {
         "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
         "timm + compile": lambda: _plain_step(torch.compile(timm_model(spec).cuda())),
         "ours + compile (no DeepSpeed)": lambda: _plain_step(torch.compile(ours().cuda())),
         "ours + max-autotune (no DeepSpeed)": lambda: _plain_step(torch.compile(ours().cuda(), mode=AUTOTUNE)),
+        "ours + compile, stacked (no DeepSpeed)": lambda: _plain_step(torch.compile(ours(stacked=True).cuda())),
     }
     for recipe in ("tensorwise", "rowwise"):
         builders[f"ours + compile, fp8 {recipe} (no DeepSpeed)"] = lambda r=recipe: _plain_step(
             torch.compile(_float8(ours(), r).cuda())
         )
-    precisions = [("bf16", "none", ""), ("autocast", "none", " (autocast)")]
-    precisions += [("autocast", r, f" (autocast, fp8 {r})") for r in ("tensorwise", "rowwise")]
+    # (precision, fp8 recipe, stacked blocks, name suffix)
+    precisions = [("bf16", "none", False, ""), ("autocast", "none", False, " (autocast)")]
+    precisions += [("bf16", "none", True, " (stacked)"), ("autocast", "none", True, " (autocast, stacked)")]
+    precisions += [("autocast", r, False, f" (autocast, fp8 {r})") for r in ("tensorwise", "rowwise")]
     for zero in range(4):
         for compiled, mode in (("", None), (" + compile", "default"), (" + max-autotune", AUTOTUNE)):
-            for precision, fp8, suffix in precisions:
+            for precision, fp8, stacked, suffix in precisions:
                 name = f"ours DeepSpeed ZeRO-{zero}{compiled}{suffix}"
                 options = {**ds_options, "precision": precision, "fp8": fp8}
-                builders[name] = lambda z=zero, m=mode, o=options: _deepspeed_step(spec, batch, z, m, o, gelu)
+                builders[name] = lambda z=zero, m=mode, o=options, s=stacked: _deepspeed_step(
+                    spec, batch, z, m, o, gelu, s
+                )
     return builders
 
 
@@ -238,14 +256,17 @@ def _float8(model: torch.nn.Module, recipe: str) -> torch.nn.Module:
 # The headline ("ours") is the first DeepSpeed row: the step the paper configs run (docs/BENCHMARKS.md).
 DEFAULT_VARIANTS = [
     "timm + compile",
-    "ours DeepSpeed ZeRO-2 + max-autotune (autocast)",
-    "ours + compile (no DeepSpeed)",
+    "ours DeepSpeed ZeRO-2 + compile (autocast, stacked)",
+    "ours + compile, stacked (no DeepSpeed)",
 ]
 ALL_VARIANTS = [
     "timm eager",
     "timm + compile",
     "ours + compile (no DeepSpeed)",
+    "ours + compile, stacked (no DeepSpeed)",
     "ours + max-autotune (no DeepSpeed)",
+    "ours DeepSpeed ZeRO-2 + compile (autocast, stacked)",
+    "ours DeepSpeed ZeRO-1 + compile (autocast, stacked)",
     "ours DeepSpeed ZeRO-2 + max-autotune (autocast)",
     "ours DeepSpeed ZeRO-2 + compile (autocast)",
     "ours DeepSpeed ZeRO-2 + compile",

@@ -219,9 +219,14 @@ def resume_source(resume_from: str) -> tuple[Path, str]:
     return path, tag
 
 
+# Fingerprint keys newer than some checkpoints, with the value those checkpoints were written under.
+FINGERPRINT_DEFAULTS = {"stacked": False}
+
+
 def check_compatible(saved: dict, current: dict) -> None:
-    """Refuse a checkpoint whose fingerprint (model shape, classes, data set, ZeRO stage) differs from this
-    config's, naming each difference."""
+    """Refuse a checkpoint whose fingerprint (model shape, classes, data set, ZeRO stage, parameter layout) differs
+    from this config's, naming each difference."""
+    saved = {**FINGERPRINT_DEFAULTS, **saved}
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"
         for key in current

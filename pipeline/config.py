@@ -38,6 +38,10 @@ class ModelConfig:
     tokens_mlp_dim: int | None = None  # D_S, width of the token-mixing MLP
     channels_mlp_dim: int | None = None  # D_C, width of the channel-mixing MLP
     gelu: str = "exact"  # "exact" (torch/timm) or "tanh" (Flax's default approximation)
+    # Each block parameter as one tensor over all N blocks (12 tensors, not 12 N): the same model and weight files,
+    # far less per-tensor work in DeepSpeed's ZeRO (docs/BENCHMARKS.md). Not with deepspeed.fp8, which swaps
+    # per-block Linear modules, nor ZeRO-3; a checkpoint resumes only under the layout that wrote it.
+    stacked: bool = False
 
     def spec(self) -> MixerSpec:
         """The resolved shape: the variant's widths with any explicitly set dimension on top."""
@@ -454,6 +458,8 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
     _choice(cfg.deepspeed.precision, ("auto", "bf16", "fp32", "autocast"), "deepspeed.precision", source)
     _choice(cfg.deepspeed.compile_mode, COMPILE_MODES, "deepspeed.compile_mode", source)
     _choice(cfg.deepspeed.fp8, FP8_RECIPES, "deepspeed.fp8", source)
+    if cfg.model.stacked and cfg.deepspeed.fp8 != "none":
+        raise ConfigError(f"{source}: 'model.stacked' cannot be combined with deepspeed.fp8 (per-block Linear modules)")
     _choice(cfg.launch.device, ("auto", "cuda", "cpu"), "launch.device", source)
     if cfg.launch.nproc_per_node < 1 or cfg.launch.nnodes < 1:
         raise ConfigError(f"{source}: launch.nproc_per_node and launch.nnodes must be >= 1")
@@ -522,6 +528,12 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
                 raise ConfigError(f"{source}: '{where}.fewshot.dataset' is {name!r}; datasets: {list(cfg.datasets)}")
         if stage.zero_stage is not None:
             _choice(stage.zero_stage, (0, 1, 2, 3), f"{where}.zero_stage", source)
+        zero = cfg.deepspeed.zero_stage if stage.zero_stage is None else stage.zero_stage
+        if cfg.model.stacked and zero == 3:
+            raise ConfigError(
+                f"{source}: 'model.stacked' needs ZeRO 0-2, but {where} runs ZeRO-3, which would gather all blocks'"
+                " weights at once (and torch.compile refuses its stacked stand-ins)"
+            )
         _choice(stage.optim.name, ("adamw", "sgd"), f"{where}.optim.name", source)
         _choice(stage.optim.schedule, ("linear", "cosine"), f"{where}.optim.schedule", source)
         _choice(stage.augment.crop, ("inception", "resize"), f"{where}.augment.crop", source)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import DeepSpeedConfig, StageConfig
+from pipeline.models.mixer import unstack_state
 
 # DeepSpeed logs every setting at INFO on every rank, and warns when it falls back to the CPU; say it outright.
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -136,9 +137,12 @@ def build_config(
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and the stem kernel only, not on biases and LayerNorm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """Weight decay on matrices and the stem kernel only, not on biases and LayerNorm parameters (by name: a
+    stacked model's biases have a block axis too)."""
+    groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+    for name, p in model.named_parameters():
+        groups[name.endswith(".weight") and "norm" not in name].append(p)
+    decay, no_decay = groups[True], groups[False]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -375,4 +379,5 @@ def consolidated_state_dict(directory: Path, tag: str, zero_stage: int = 1) -> d
         state = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in state["module"].items()}
     with _quiet():
-        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    return unstack_state(state)  # ZeRO names a stacked model's parameters as they are in training

@@ -91,6 +91,7 @@ def stage_fingerprint(cfg: ExperimentConfig, stage: StageConfig, spec: MixerSpec
         "num_classes": dataset.num_classes,
         "dataset": [[len(s.urls), s.num_samples, s.weight] for s in sources],
         "zero_stage": eng.zero_stage_of(stage, cfg.deepspeed),
+        "stacked": cfg.model.stacked,  # the order of the parameters in ZeRO's flat partitions
     }
 
 
@@ -109,7 +110,12 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     # Identical initial weights on every rank; rank-specific randomness (dropout, data) after.
     seed_everything(cfg.seed)
     model = MlpMixer(
-        spec, dataset.num_classes, stoch_depth=stage.stoch_depth, dropout=stage.dropout, gelu=cfg.model.gelu
+        spec,
+        dataset.num_classes,
+        stoch_depth=stage.stoch_depth,
+        dropout=stage.dropout,
+        gelu=cfg.model.gelu,
+        stacked=cfg.model.stacked,
     )
     seed_everything(cfg.seed + 1000 * (env.rank + 1))
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline import weights
-from pipeline.checkpoint import CheckpointError, check_reshardable, init_weights, stage_specs
+from pipeline.checkpoint import CheckpointError, check_compatible, check_reshardable, init_weights, stage_specs
 from pipeline.config import ConfigError, load_config
 from pipeline.models.mixer import MixerSpec, MlpMixer
 from tests.conftest import REPO
@@ -37,6 +37,20 @@ def test_init_from_an_official_npz_grows_to_the_stage_resolution(tmp_path):
     assert torch.count_nonzero(model.head.weight) == 0  # the new head stays zero
     npz_state = np.load(tmp_path / "src.npz")
     assert npz_state["MixerBlock_0/token_mixing/Dense_0/kernel"].shape == (16, 4)
+    stacked = MlpMixer(spec.grown(2), num_classes=7, stacked=True)  # the same file, grown, into stacked blocks
+    init_weights(stacked, tmp_path / "src.npz", new_head=True)
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in stacked.state_dict().items())
+
+
+def test_a_checkpoint_resumes_only_under_the_parameter_layout_that_wrote_it():
+    fingerprint = {"model": {"num_blocks": 2}, "zero_stage": 2}
+    check_compatible(fingerprint, {**fingerprint, "stacked": False})  # older checkpoints: per-block
+    check_compatible({**fingerprint, "stacked": True}, {**fingerprint, "stacked": True})
+    with pytest.raises(CheckpointError, match="stacked: checkpoint False, config True"):
+        check_compatible(fingerprint, {**fingerprint, "stacked": True})
+    with pytest.raises(CheckpointError, match="stacked: checkpoint True, config False"):
+        check_compatible({**fingerprint, "stacked": True}, {**fingerprint, "stacked": False})
 
 
 def test_weights_of_another_shape_are_refused(tmp_path):

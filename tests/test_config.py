@@ -63,6 +63,14 @@ def test_bool_is_not_an_int(tmp_path):
         (lambda d: d["model"].pop("hidden_dim"), "model.hidden_dim' is required"),
         (lambda d: d["deepspeed"].update(zero_stage=4), "zero_stage' is 4"),
         (lambda d: d["deepspeed"].update(fp8="e4m3"), "deepspeed.fp8' is 'e4m3'"),
+        (
+            lambda d: (d["model"].update(stacked=True), d["deepspeed"].update(fp8="rowwise")),
+            "model.stacked' cannot be combined with deepspeed.fp8",
+        ),
+        (
+            lambda d: (d["model"].update(stacked=True), d["stages"][0].update(zero_stage=3)),
+            r"model.stacked' needs ZeRO 0-2, but stages\[pretrain\] runs ZeRO-3",
+        ),
         (lambda d: d["stages"].append(dict(d["stages"][0])), "two stages are named 'pretrain'"),
         (lambda d: d["data"].update(mode="sharded"), "data.mode' is 'sharded'"),
         (lambda d: d["data"].update(decode="npu"), "data.decode' is 'npu'"),
