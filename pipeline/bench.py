@@ -91,18 +91,9 @@ def timm_model(spec: MixerSpec) -> torch.nn.Module:
     )
 
 
-def _deepspeed_step(
-    spec: MixerSpec,
-    batch: int,
-    zero_stage: int,
-    compile_mode: str | None,
-    ds_options: dict,
-    gelu: str = "exact",
-    stacked: bool = False,
-) -> Step:
+def _deepspeed_step(engine: eng.Engine, ds_options: dict) -> Step:
     """The step `mixer run` takes: DeepSpeed engine, fused AdamW, clipping; bf16 weights with fp32 master copies,
     or (`precision: autocast` in `ds_options`) fp32 weights with bf16 matrix products under autocast."""
-    engine = _deepspeed_engine(spec, batch, zero_stage, compile_mode, ds_options, gelu, stacked)
     return _engine_step(engine, torch.float32 if ds_options.get("precision") == "autocast" else torch.bfloat16)
 
 
@@ -243,7 +234,7 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[
                 name = f"ours DeepSpeed ZeRO-{zero}{compiled}{suffix}"
                 options = {**ds_options, "precision": precision, "fp8": fp8}
                 builders[name] = lambda z=zero, m=mode, o=options, s=stacked: _deepspeed_step(
-                    spec, batch, z, m, o, gelu, s
+                    _deepspeed_engine(spec, batch, z, m, o, gelu, s), o
                 )
     return builders
 
