@@ -11,7 +11,6 @@ Parameter names follow the official Flax checkpoints one-to-one:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -167,13 +166,9 @@ class StackedBlocks(nn.Module):
 
     def __init__(self, spec: MixerSpec, drop_paths: list[float], gelu: str) -> None:
         super().__init__()
-        n, c, s = spec.num_blocks, spec.hidden_dim, spec.num_patches
-        shapes = {
-            "token_mixing.dense_0.weight": (spec.tokens_mlp_dim, s),
-            "token_mixing.dense_1.weight": (s, spec.tokens_mlp_dim),
-            "channel_mixing.dense_0.weight": (spec.channels_mlp_dim, c),
-            "channel_mixing.dense_1.weight": (c, spec.channels_mlp_dim),
-        }
+        n = spec.num_blocks
+        # One block's parameters as MixerBlock makes them (names, shapes, LayerNorm ones and zeros), N times over.
+        block = dict(MixerBlock(spec, 0.0, gelu).named_parameters())
         for name in BLOCK_PARAMETERS:
             *path, leaf = name.split(".")
             owner = self
@@ -181,13 +176,9 @@ class StackedBlocks(nn.Module):
                 if part not in owner._modules:
                     owner.add_module(part, nn.Module())
                 owner = owner._modules[part]
-            if name.endswith(".bias"):
-                rows = shapes[name.replace(".bias", ".weight")][0] if "mixing" in name else c
-                value = torch.zeros(n, rows)
-            else:
-                value = torch.empty(n, *shapes[name]) if name in shapes else torch.ones(n, c)
-            owner.register_parameter(leaf, nn.Parameter(value))
-        self.hidden_dim, self.token_pad, self.drop_paths = c, _token_pad(spec), drop_paths
+            one = block[name].detach()
+            owner.register_parameter(leaf, nn.Parameter(one.expand(n, *one.shape).clone()))
+        self.hidden_dim, self.token_pad, self.drop_paths = spec.hidden_dim, _token_pad(spec), drop_paths
         self.act = _gelu(gelu)
         self.register_state_dict_post_hook(_unstack_hook)
         self.register_load_state_dict_pre_hook(_stack_hook)
@@ -245,21 +236,24 @@ def _stack_hook(module: nn.Module, state: dict, prefix: str, *args) -> None:
             state[prefix + name] = torch.stack([state.pop(k) for k in keys])
 
 
-# A stacked parameter's name in a state dict: `blocks.` and one of BLOCK_PARAMETERS, with no block number.
-_STACKED_KEY = re.compile(r"^blocks\.((?:token|channel)_(?:norm|mixing)\..*)$")
+def _stacked_name(key: str) -> str | None:
+    """The block parameter a state-dict key names if it is a stacked one (`blocks.` and no block number)."""
+    name = key.removeprefix("blocks.")
+    return name if name != key and name in BLOCK_PARAMETERS else None
 
 
 def unstack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with the stacked block parameters (`blocks.token_norm.weight`, (N, C)) split into the per-block
     names (`blocks.{i}.token_norm.weight`), in their place: what ZeRO's consolidation of a stacked model's
     checkpoint gives, in the names every weight file uses."""
-    stacked = {m.group(1): v for k, v in state.items() if (m := _STACKED_KEY.match(k))}
+    stacked = {name: v for k, v in state.items() if (name := _stacked_name(k))}
     out = {}
     for key, value in state.items():
-        if not _STACKED_KEY.match(key):
+        if _stacked_name(key) is None:
             out[key] = value
-        elif not any(k.startswith("blocks.0.") for k in out):  # the first stacked key: all blocks go here
+        elif stacked:  # the first stacked key: every block's entries go here
             out.update(_per_block(stacked, "blocks."))
+            stacked = {}
     return out
 
 
