@@ -4,6 +4,10 @@ Every variant trains the same Mixer shape on the same synthetic batch (random 22
 bf16, with fused AdamW, for `warmup` untimed and `steps` timed optimiser steps. Throughput is images over the
 wall time of the timed steps (the device synchronised at both ends); MFU divides the training FLOPs by the bf16
 matmul rate measured in the same process (and the datasheet peak, for reference).
+
+End to end (`--end-to-end`): the headline variant's step, already warm, is timed again on batches from JPEG shards
+through the training loader's GPU path (loader workers read the shards, nvJPEG decodes and the crops are made on
+the GPU, one batch ahead on a side stream), exactly as `mixer run` feeds it with `data.decode: gpu`.
 """
 
 from __future__ import annotations
@@ -20,12 +24,17 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint, dist
 from pipeline import engine as eng
-from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
+from pipeline.config import AugmentConfig, DeepSpeedConfig, OptimConfig, StageConfig
+from pipeline.data.bench import bench_plan, bench_source
+from pipeline.data.gpu import GpuAugment, Prefetched, gpu_prepare, pack
+from pipeline.data.stream import TrainStream
+from pipeline.data.transforms import normalize
 from pipeline.flops import measure_matmul_flops, peak_flops, train_flops_per_image
 from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer
 
 NUM_CLASSES = 1000
 Step = Callable[[torch.Tensor, torch.Tensor], None]
+Batches = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # the next (images, labels) on the device
 
 
 @dataclass
@@ -36,25 +45,32 @@ class Result:
     peak_memory_gib: float
 
 
-def _time(step: Step, images: torch.Tensor, labels: torch.Tensor, warmup: int, steps: int) -> tuple[float, float]:
+def _time(step: Step, batches: Batches, warmup: int, steps: int) -> tuple[float, float]:
     for _ in range(warmup):
-        step(images, labels)
+        step(*batches())
     torch.cuda.synchronize()
     start = time.perf_counter()
+    images = 0
     for _ in range(steps):
-        step(images, labels)
+        batch = batches()
+        images += len(batch[1])
+        step(*batch)
     torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    return images.shape[0] / seconds, seconds * 1000
+    seconds = time.perf_counter() - start
+    return images / seconds, seconds / steps * 1000
 
 
-def _profile(name: str, step: Step, images: torch.Tensor, labels: torch.Tensor) -> None:
+def _fixed(images: torch.Tensor, labels: torch.Tensor) -> Batches:
+    return lambda: (images, labels)
+
+
+def _profile(name: str, step: Step, batches: Batches) -> None:
     """Where one step's time goes: the top operators by device time and by host time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            step(images, labels)
+            step(*batches())
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(f"--- profile of 3 steps: {name}", flush=True)
@@ -142,6 +158,46 @@ def _one_gpu(bench: str, model: str, batch: int) -> tuple[dist.DistEnv, MixerSpe
     return env, spec, images, labels
 
 
+@dataclass
+class EndToEnd:
+    """Where `--end-to-end` reads its JPEGs: `shards` (a folder with index.json or a shard pattern), or `generate`
+    generated 500x375 photos; `workers` loader worker processes."""
+
+    workers: int = 8
+    shards: str | None = None
+    generate: int = 8000
+
+
+def shard_batches(spec: MixerSpec, batch: int, end_to_end: EndToEnd, device: torch.device) -> Prefetched:
+    """The training loader's GPU path (`data.decode: gpu`, default augmentation: inception crop and flip) over the
+    benchmark's shards, batches of `batch`."""
+    source = bench_source(end_to_end.shards, end_to_end.generate)
+    augment = AugmentConfig()
+    stream = TrainStream(bench_plan(source, end_to_end.workers, batch), gpu_prepare(augment), collate=pack)
+    return Prefetched(stream, GpuAugment(augment, spec.image_size, device))
+
+
+def standardised(stream: Prefetched) -> Batches:
+    """The loader's uint8 batches as model input, as the training loop makes it."""
+
+    def batches() -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = next(stream)
+        return normalize(images), labels
+
+    return batches
+
+
+def _measure(
+    name: str, step: Step, batches: Batches, warmup: int, steps: int, profile: bool, rows: list[Result]
+) -> None:
+    torch.cuda.reset_peak_memory_stats()
+    ips, ms = _time(step, batches, warmup, steps)
+    if profile:
+        _profile(name, step, batches)
+    rows.append(Result(name, ips, ms, torch.cuda.max_memory_allocated() / 2**30))
+    print(f"{name}: {ips:.0f} img/s, {ms:.1f} ms/step", flush=True)
+
+
 def run_train_bench(
     model: str,
     batch: int,
@@ -151,32 +207,44 @@ def run_train_bench(
     ds_options: dict | None = None,
     profile: bool = False,
     gelu: str = "exact",
+    end_to_end: EndToEnd | None = None,
 ) -> dict:
     """Measure each variant in turn on one GPU; returns rows plus the headline numbers. `gelu`: our model's GELU
-    (timm's is always the exact one)."""
+    (timm's is always the exact one). `end_to_end`: the headline variant again, fed from JPEG shards."""
     env, spec, images, labels = _one_gpu("train", model, batch)
     builders = _builders(spec, batch, ds_options or {}, gelu)
     unknown = [name for name in variants if name not in builders]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(builders)}")
-    rows = []
+    headline = next((name for name in variants if name.startswith("ours DeepSpeed")), variants[-1])
+    rows: list[Result] = []
+    from_shards = None
     for name in variants:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
         step = builders[name]()
-        ips, ms = _time(step, images, labels, warmup, steps)
-        if profile:
-            _profile(name, step, images, labels)
-        rows.append(Result(name, ips, ms, torch.cuda.max_memory_allocated() / 2**30))
-        print(f"{name}: {ips:.0f} img/s, {ms:.1f} ms/step", flush=True)
+        _measure(name, step, _fixed(images, labels), warmup, steps, profile, rows)
+        if end_to_end is not None and name == headline:
+            stream = shard_batches(spec, batch, end_to_end, env.device)
+            try:
+                _measure(f"{name}, from JPEG shards", step, standardised(stream), warmup, steps, profile, rows)
+                from_shards = rows[-1]
+            finally:
+                stream.close()
         del step
         gc.collect()
     measured = measure_matmul_flops(env.device, torch.bfloat16)
     datasheet, _ = peak_flops(env.device, torch.bfloat16)
     flops = train_flops_per_image(spec)
     by_name = {r.name: r for r in rows}
-    ours = next((r for r in rows if r.name.startswith("ours DeepSpeed")), rows[-1])
+    ours = by_name[headline]
     baseline = by_name.get("timm + compile", rows[0])
+    shards = {}
+    if from_shards is not None:
+        shards = {
+            "end_to_end_images_per_s": from_shards.images_per_s,
+            "end_to_end_ratio": from_shards.images_per_s / ours.images_per_s,
+            "end_to_end_workers": end_to_end.workers,
+        }
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -200,6 +268,7 @@ def run_train_bench(
         "baseline_images_per_s": baseline.images_per_s,
         "mfu": ours.images_per_s * flops / measured,
         "speedup": ours.images_per_s / baseline.images_per_s,
+        **shards,
     }
 
 
@@ -275,7 +344,7 @@ def run_checkpoint_bench(model: str, batch: int, saves: int, steps: int, workdir
     _, spec, images, labels = _one_gpu("checkpoint", model, batch)
     engine = _deepspeed_engine(spec, batch, 2, None, {})
     step = _engine_step(engine)
-    _, step_ms = _time(step, images, labels, warmup=3, steps=steps)
+    _, step_ms = _time(step, _fixed(images, labels), warmup=3, steps=steps)
     rows = []
     for mode in ("blocking", "background"):  # background second: it replaces the engine's file writer for good
         saver = checkpoint.Saver(engine, workdir / mode, rank=0, world_size=1, keep=1, background=mode == "background")
@@ -284,7 +353,7 @@ def run_checkpoint_bench(model: str, batch: int, saves: int, steps: int, workdir
             start = time.perf_counter()
             tag = saver.save(i + 1, {"bench": mode})
             blocked = time.perf_counter() - start
-            _, during_ms = _time(step, images, labels, warmup=0, steps=steps)
+            _, during_ms = _time(step, _fixed(images, labels), warmup=0, steps=steps)
             saver.wait()
             complete = time.perf_counter() - start
             size = sum(p.stat().st_size for p in (workdir / mode / tag).rglob("*") if p.is_file())

@@ -317,8 +317,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     variants = bench.ALL_VARIANTS if args.variants == ["all"] else args.variants or bench.DEFAULT_VARIANTS
     ds_options = {"reduce_bucket_size": int(args.bucket)}  # overlap_comm is off on one rank
+    end_to_end = bench.EndToEnd(args.workers, args.shards, args.generate) if args.end_to_end else None
     result = bench.run_train_bench(
-        args.model, args.batch, args.steps, args.warmup, variants, ds_options, args.profile, args.gelu
+        args.model, args.batch, args.steps, args.warmup, variants, ds_options, args.profile, args.gelu, end_to_end
     )
     table = Table(
         title=f"Mixer-{args.model}, batch {args.batch}, {args.gelu} GELU in ours, {result['device']} "
@@ -336,6 +337,11 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
             f"{row['images_per_s'] / result['baseline_images_per_s']:.2f}x",
         )
     console.print(table)
+    if end_to_end is not None:
+        console.print(
+            f"from JPEG shards ({args.workers} loader workers, GPU decode): {result['end_to_end_images_per_s']:.0f} "
+            f"img/s, {result['end_to_end_ratio']:.1%} of the same step on synthetic input"
+        )
     _write_json(result, args.json)
     return 0
 
@@ -542,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--gelu", default="exact", choices=["exact", "tanh"], help="our model's GELU (model.gelu); timm's is exact"
     )
+    train.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="also time the headline variant fed from JPEG shards through the loader's GPU path (data.decode: gpu)",
+    )
+    train.add_argument("--workers", type=int, default=8, help="loader worker processes for --end-to-end")
+    train.add_argument("--shards", help="--end-to-end reads these (folder with index.json or a shard pattern)")
+    train.add_argument("--generate", type=int, default=8000, help="generated 500x375 JPEGs when --shards is not given")
     train.set_defaults(func=cmd_bench_train)
 
     ckpt = bench_sub.add_parser(

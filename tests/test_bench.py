@@ -1,4 +1,6 @@
-from pipeline.bench import ALL_VARIANTS, DEFAULT_VARIANTS, _builders
+import torch
+
+from pipeline.bench import ALL_VARIANTS, DEFAULT_VARIANTS, EndToEnd, _builders, shard_batches, standardised
 from pipeline.models.mixer import MixerSpec
 
 
@@ -7,3 +9,19 @@ def test_every_listed_variant_has_a_builder():
     names = _builders(MixerSpec(2, 4, 16, 8, 32, 16), 8, {}, "exact")
     assert set(ALL_VARIANTS) | set(DEFAULT_VARIANTS) <= set(names)
     assert "ours DeepSpeed ZeRO-1 + compile (autocast, stacked)" in names
+
+
+def test_end_to_end_batches_come_from_generated_jpeg_shards(tmp_path, monkeypatch):
+    """`mixer bench train --end-to-end` feeds the step through the training loader's GPU path; here on the CPU."""
+    monkeypatch.setenv("MIXER_BENCH_CACHE", str(tmp_path))
+    spec = MixerSpec(2, 16, 32, 16, 64, 224)
+    stream = shard_batches(spec, 8, EndToEnd(workers=1, generate=40), torch.device("cpu"))
+    try:
+        batches = standardised(stream)
+        for _ in range(3):
+            images, labels = batches()
+            assert images.shape == (8, 3, 224, 224) and images.dtype == torch.float32 and labels.shape == (8,)
+            assert -3 < images.mean() < 3 and images.std() > 0.1  # standardised pixels, not raw 0-255
+    finally:
+        stream.close()
+    assert (tmp_path / "mixer-bench-photos-40" / "index.json").exists()

@@ -70,6 +70,22 @@ def one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def bench_source(shards: str | None, generate: int) -> Source:
+    """The shards to read: `shards` (a folder with index.json or a shard pattern), or `generate` 500x375 JPEGs made
+    once under $MIXER_BENCH_CACHE (default: the temporary folder) and reused."""
+    if shards is None:
+        cache = Path(os.environ.get("MIXER_BENCH_CACHE", tempfile.gettempdir())) / f"mixer-bench-photos-{generate}"
+        shards = str(make_photo_shards(cache, generate))
+    return read_index_file(ensure_index(shards, None, Path(tempfile.mkdtemp(prefix="mixer-bench-index-"))))
+
+
+def bench_plan(source: Source, workers: int, batch: int) -> StreamPlan:
+    """Resampled training order over `source` for one rank. The nominal epoch is long: at each epoch start every
+    worker refills its shuffle block before its first batch, a stall that a real epoch (thousands of batches)
+    amortises but a small benchmark set would not."""
+    return StreamPlan((source,), "resampled", 0, 1, workers, batch, 0, 1000, 100 * source.num_samples)
+
+
 def naive_baseline(urls: list[str], images: int, image_size: int) -> tuple[float, float]:
     """Images/s and images per CPU-second of the naive single-process loader (one intra-op thread: one core)."""
     transform = T.Compose([T.RandomResizedCrop(image_size), T.ToTensor()])
@@ -94,9 +110,7 @@ def loader_rate(
     augment = AugmentConfig(randaugment_magnitude=randaugment)
     # As in training: batches go to the GPU (when there is one) and become float input there.
     device = torch.device("cuda" if decode == "gpu" or torch.cuda.is_available() else "cpu")
-    # A long nominal epoch: at each epoch start every worker refills its shuffle block before its first batch, a
-    # stall that a real epoch (thousands of batches) amortises but a small benchmark set would not.
-    plan = StreamPlan((source,), "resampled", 0, 1, workers, batch, 0, 1000, 100 * source.num_samples)
+    plan = bench_plan(source, workers, batch)
     if decode == "gpu":
         from pipeline.data.gpu import GpuAugment, gpu_prepare, pack
 
@@ -141,10 +155,7 @@ def run_data_bench(
     baseline_images: int,
     generate: int,
 ) -> dict:
-    if shards is None:
-        cache = Path(os.environ.get("MIXER_BENCH_CACHE", tempfile.gettempdir())) / f"mixer-bench-photos-{generate}"
-        shards = str(make_photo_shards(cache, generate))
-    source = read_index_file(ensure_index(shards, None, Path(tempfile.mkdtemp(prefix="mixer-bench-index-"))))
+    source = bench_source(shards, generate)
     # The naive loader runs before and after ours and counts as the mean: one core's speed drifts over a minute.
     baseline_runs = [naive_baseline(list(source.urls), baseline_images, image_size)]
     ours = loader_rate(
