@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from PIL import Image
-from torchvision.io import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
 from pipeline.config import AugmentConfig
@@ -24,6 +25,10 @@ from pipeline.data.stream import BadSample, TrainStream, image_and_label
 from pipeline.data.transforms import decode
 
 log = logging.getLogger(__name__)
+
+# Padding a batch of differently sized images goes through torch.nested's strided layout (ragged height and width),
+# which warns once per process that its API is a prototype.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -103,9 +108,11 @@ def resized_crops(
 
     `params` rows are (top, left, height, width, flip). Each resize is two matrix products, rows then columns, with
     weights that select the crop and, for a flip, list the output columns backwards; images are zero-padded to the
-    largest of their group, a group being as many as fit `PAD_BUDGET` bytes of padded pixels. On CUDA the products
-    run in float16 on tensor cores unless `dtype` says otherwise (pixel values 0-255 are exact in it; the weights
-    keep ~3 significant digits: a pixel may come out one level off)."""
+    largest of their group, a group being as many as fit `PAD_BUDGET` bytes of padded pixels. The padding is two
+    calls for the whole group (a nested tensor of the images, then its padded form), not a copy per image: this
+    runs on the decoding thread, where every Python-level call per image would take the interpreter lock from the
+    training loop. On CUDA the products run in float16 on tensor cores unless `dtype` says otherwise (pixel values
+    0-255 are exact in it; the weights keep ~3 significant digits: a pixel may come out one level off)."""
     device = images[0].device
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     itemsize = dtype.itemsize
@@ -120,10 +127,8 @@ def resized_crops(
                 last -= 1
                 break
             height, width = h, w
-        group = images[first : last + 1]
-        padded = torch.zeros(len(group), 3, height, width, dtype=dtype, device=device)
-        for k, image in enumerate(group):  # a greyscale JPEG (one channel) fills all three
-            padded[k, :, : image.shape[-2], : image.shape[-1]].copy_(image)
+        group = [image if image.shape[0] == 3 else image.expand(3, -1, -1) for image in images[first : last + 1]]
+        padded = torch.nested.as_nested_tensor(group, dtype=dtype).to_padded_tensor(0.0)  # (n, 3, height, width)
         top, left, h, w, flip = params[first : last + 1].unbind(1)
         rows = resize_weights(top, h, height, size).to(dtype)  # (n, size, height)
         cols = resize_weights(left, w, width, size).to(dtype)  # (n, size, width)
@@ -155,13 +160,13 @@ class GpuAugment:
     def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if not encoded:
             return []
-        try:
-            return decode_jpeg(encoded, device=self.device)
+        try:  # RGB: a greyscale JPEG comes out with its one channel in all three
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             out: list[torch.Tensor | None] = []
             for data in encoded:  # find the culprit(s); keep the rest
                 try:
-                    out.append(decode_jpeg(data, device=self.device))
+                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
                 except RuntimeError as err:
                     log.warning("nvJPEG could not decode an image (%s); replaced by another of the batch", err)
                     out.append(None)
@@ -175,8 +180,7 @@ class GpuAugment:
         run on another thread (`Prefetched`)."""
         params = batch["params"]
         n = len(params)
-        offsets = batch["offsets"].tolist()
-        encoded = [batch["bytes"][offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1)]
+        encoded = list(batch["bytes"].split(batch["offsets"].diff().tolist()))  # views, made in one call
         images: list[torch.Tensor | None] = [None] * n
         for i, image in zip(batch["jpeg_index"].tolist(), self._decode(encoded)):
             images[i] = image
@@ -198,12 +202,16 @@ class GpuAugment:
 
 
 class Prefetched:
-    """A training stream one batch ahead on the GPU: a thread takes the next batch from `stream` and decodes and
-    crops it (`GpuAugment.crops`) on a CUDA stream of its own while the current training step runs.
+    """A training stream `AHEAD` batches ahead on the GPU: a thread takes the next batches from `stream` and decodes
+    and crops them (`GpuAugment.crops`) on a CUDA stream of its own while the current training step runs.
 
-    Decoding 256 JPEGs keeps the host busy for ~10 ms (nvJPEG's Huffman stage runs on the CPU) and launches
-    hundreds of small kernels; done between steps, the GPU would wait for all of it. The position (`state`) and the
-    bad-data counts are those of the batches handed out, not of the one prefetched, so checkpoints stay exact."""
+    Decoding 256 JPEGs keeps the host busy for tens of milliseconds (nvJPEG copies and waits per image) and launches
+    hundreds of small kernels; done between steps, the GPU would wait for all of it. With two batches in hand, a
+    batch that takes longer than a step (the thread shares the GPU and the interpreter with the step) does not hold
+    the step up. The position (`state`) and the bad-data counts are those of the batches handed out, not of those
+    prefetched, so checkpoints stay exact."""
+
+    AHEAD = 2
 
     def __init__(self, stream: TrainStream, augment: GpuAugment) -> None:
         self.stream, self.augment = stream, augment
@@ -213,8 +221,10 @@ class Prefetched:
         self._state = stream.state()
         self.new_bad: deque[dict] = deque(maxlen=1000)
         # The first batch here: the loader's worker processes must be started from the main thread (signal handlers).
-        self._next: Future = Future()
-        self._next.set_result(self._load())
+        first: Future = Future()
+        first.set_result(self._load())
+        self._ahead: deque[Future] = deque([first])
+        self._ahead.extend(self.pool.submit(self._load) for _ in range(self.AHEAD - 1))
 
     def _load(self) -> tuple:
         batch, labels = next(self.stream)
@@ -236,9 +246,9 @@ class Prefetched:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels, self._state, events, ready = self._next.result()
+        images, labels, self._state, events, ready = self._ahead.popleft().result()
         self.new_bad.extend(events)
-        self._next = self.pool.submit(self._load)
+        self._ahead.append(self.pool.submit(self._load))
         if ready is not None:
             current = torch.cuda.current_stream(self.augment.device)
             current.wait_event(ready)
@@ -266,8 +276,10 @@ class Prefetched:
         return self._state["bad"]
 
     def close(self) -> None:
-        self._next.cancel()
-        with contextlib.suppress(Exception):  # the batch being made is not wanted any more
-            self._next.result()
+        for future in self._ahead:
+            future.cancel()
+        for future in self._ahead:
+            with contextlib.suppress(Exception):  # the batches being made are not wanted any more
+                future.result()
         self.pool.shutdown()
         self.stream.close()
