@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import stages
+from pipeline import dist, stages
 from pipeline.config import ConfigError, load_config
 from pipeline.stages import REQUEUE_EXIT, StageFailed, StagePreempted
 
@@ -105,7 +105,7 @@ def _close_parent(cfg, run_id: str | None, status: str) -> None:
     """On the primary rank of a submitted job: the stages' summaries on the experiment's run, and its status."""
     from pathlib import Path
 
-    from pipeline import dist, tracking
+    from pipeline import tracking
     from pipeline.layout import RunLayout
 
     if dist.read_env("cpu").rank != 0:
@@ -380,7 +380,6 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
 
 def cmd_bench_allreduce(args: argparse.Namespace) -> int:
     """All-reduce bus bandwidth through torch.distributed (NCCL on GPUs), the reference for communication cost."""
-    from pipeline import dist
     from pipeline.scaling import run_allreduce_bench
 
     if dist.read_env("cpu").world_size == 1 and args.ranks > 1:  # not inside a launcher yet: start one
@@ -625,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    dist.prepare_cuda_env()  # every rank, benchmark and job starts here, before anything touches the GPU
     parser = build_parser()
     # Overrides may come after flags (`mixer run CONFIG --dry-run key=value`), which argparse leaves unparsed.
     args, extra = parser.parse_known_args(argv)

@@ -28,6 +28,19 @@ class DistEnv:
         return self.rank == 0
 
 
+# Hardware work queues per GPU (CUDA's default is 8). Streams beyond that many share queues, and a kernel then
+# waits behind unrelated work of another stream in its queue. nvJPEG decodes on streams of its own (14 of them), so
+# with 8 queues its per-image copies and kernels held up the training step's: Mixer-B/16 trained from JPEG shards
+# at 84% of its synthetic-input rate, 92% with 32 queues (docs/BENCHMARKS.md). CUDA reads the variable when it
+# makes the context.
+CUDA_QUEUES = "32"
+
+
+def prepare_cuda_env() -> None:
+    """Settings CUDA reads when this process first uses the GPU; a value already in the environment wins."""
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", CUDA_QUEUES)
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if name in os.environ:

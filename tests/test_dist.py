@@ -41,3 +41,24 @@ def test_two_processes_without_a_launcher_run_side_by_side(tmp_path):
     errors = [p.communicate(timeout=60)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errors)
     assert (tmp_path / "port0").read_text() != (tmp_path / "port1").read_text()
+
+
+ENTRY = """
+import os
+from pipeline import cli
+try:
+    cli.main(["--help"])
+except SystemExit:
+    pass
+print("queues", os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"))
+"""
+
+
+def test_every_mixer_process_asks_cuda_for_32_work_queues_unless_told_otherwise():
+    """Set at the entry point, before anything makes a CUDA context (which reads it); a user's value stays."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    runs = [
+        subprocess.run([sys.executable, "-c", ENTRY], env=e, cwd=REPO, capture_output=True, text=True, check=True)
+        for e in (env, {**env, "CUDA_DEVICE_MAX_CONNECTIONS": "8"})
+    ]
+    assert [r.stdout.splitlines()[-1] for r in runs] == ["queues 32", "queues 8"]
