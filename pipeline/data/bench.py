@@ -80,9 +80,8 @@ def bench_source(shards: str | None, generate: int) -> Source:
 
 
 def bench_plan(source: Source, workers: int, batch: int) -> StreamPlan:
-    """Resampled training order over `source` for one rank. The nominal epoch is long: at each epoch start every
-    worker refills its shuffle block before its first batch, a stall that a real epoch (thousands of batches)
-    amortises but a small benchmark set would not."""
+    """Resampled training order over `source` for one rank, in epochs as long as a real corpus's (thousands of
+    batches) rather than the benchmark set's."""
     return StreamPlan((source,), "resampled", 0, 1, workers, batch, 0, 1000, 100 * source.num_samples)
 
 

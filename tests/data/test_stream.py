@@ -88,6 +88,23 @@ def test_epoch_length_does_not_depend_on_workers(tmp_path_factory, workers):
     assert len(keys) == 200 and len(set(keys)) >= 150
 
 
+def test_workers_run_on_into_the_next_epoch_in_step_with_each_other(tmp_path):
+    """One loader iterator spans all epochs. With 7 batches an epoch over 3 workers (shares 3, 2, 2), the workers with
+    the smaller shares must not drift further into later epochs each epoch (the stream would buffer ever more)."""
+    source = uneven_shards(tmp_path / "s", (40, 16))
+    plan = plan_for(source, workers=3, batch=8, mode="resampled")
+    assert plan.batches_per_epoch == 7 and [plan.quota(w) for w in range(3)] == [3, 2, 2]
+    epochs = 12
+    with TrainStream(plan, PREPARE) as stream:
+        seen = []
+        for _ in range(epochs * 7):
+            next(stream)
+            seen.append((stream.epoch, stream.position - 1))
+        state = stream.state()
+    assert seen == [(e, p) for e in range(epochs) for p in range(7)]
+    assert (state["epoch"], state["position"]) == (epochs, 0)
+
+
 def _rank_main(rank: int, source: Source, out: str, port: int) -> None:
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     plan = plan_for(source, rank=rank, world=2, workers=1, batch=10)
