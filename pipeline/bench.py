@@ -7,7 +7,7 @@ matmul rate measured in the same process (and the datasheet peak, for reference)
 
 End to end (`--end-to-end`): the headline variant's step, already warm, is timed again on batches from JPEG shards
 through the training loader's GPU path (loader workers read the shards, nvJPEG decodes and the crops are made on
-the GPU, one batch ahead on a side stream), exactly as `mixer run` feeds it with `data.decode: gpu`.
+the GPU, two batches ahead on a side stream), exactly as `mixer run` feeds it with `data.decode: gpu`.
 """
 
 from __future__ import annotations
