@@ -26,8 +26,7 @@ from pipeline import checkpoint, dist
 from pipeline import engine as eng
 from pipeline.config import AugmentConfig, DeepSpeedConfig, OptimConfig, StageConfig
 from pipeline.data.bench import bench_plan, bench_source
-from pipeline.data.gpu import GpuAugment, Prefetched, gpu_prepare, pack
-from pipeline.data.stream import TrainStream
+from pipeline.data.gpu import Prefetched, gpu_stream
 from pipeline.data.transforms import normalize
 from pipeline.flops import measure_matmul_flops, peak_flops, train_flops_per_image
 from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer
@@ -172,9 +171,7 @@ def shard_batches(spec: MixerSpec, batch: int, end_to_end: EndToEnd, device: tor
     """The training loader's GPU path (`data.decode: gpu`, default augmentation: inception crop and flip) over the
     benchmark's shards, batches of `batch`."""
     source = bench_source(end_to_end.shards, end_to_end.generate)
-    augment = AugmentConfig()
-    stream = TrainStream(bench_plan(source, end_to_end.workers, batch), gpu_prepare(augment), collate=pack)
-    return Prefetched(stream, GpuAugment(augment, spec.image_size, device))
+    return gpu_stream(bench_plan(source, end_to_end.workers, batch), AugmentConfig(), spec.image_size, device)
 
 
 def standardised(stream: Prefetched) -> Batches:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, dist, tracking
 from pipeline import engine as eng
 from pipeline.config import ConfigError, ExperimentConfig, FewShotConfig, StageConfig, flatten, to_dict
-from pipeline.data.gpu import GpuAugment, Prefetched, gpu_prepare, pack
+from pipeline.data.gpu import Prefetched, gpu_stream
 from pipeline.data.shards import ShardIndex, read_index
 from pipeline.data.sources import training_sources
 from pipeline.data.stream import TrainStream, cpu_prepare, eval_batches, seed_of, stream_plan
@@ -326,10 +326,14 @@ class StageRunner:
         if data.decode == "gpu":
             if env.device.type != "cuda":
                 raise ConfigError("data.decode=gpu needs a CUDA device; use data.decode=cpu here")
-            stream = TrainStream(
-                plan, gpu_prepare(stage.augment), collate=pack, state=data_state, max_bad_fraction=data.max_bad_fraction
+            return gpu_stream(
+                plan,
+                stage.augment,
+                self.image_size,
+                env.device,
+                state=data_state,
+                max_bad_fraction=data.max_bad_fraction,
             )
-            return Prefetched(stream, GpuAugment(stage.augment, self.image_size, env.device))
         prepare = cpu_prepare(train_transform(stage.augment, self.image_size))
         return TrainStream(
             plan, prepare, collate=stack_images, state=data_state, max_bad_fraction=data.max_bad_fraction

@@ -21,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
 from pipeline.config import AugmentConfig
-from pipeline.data.stream import BadSample, TrainStream, image_and_label
+from pipeline.data.stream import BadSample, StreamPlan, TrainStream, image_and_label
 from pipeline.data.transforms import decode
 
 log = logging.getLogger(__name__)
@@ -283,3 +283,18 @@ class Prefetched:
                 future.result()
         self.pool.shutdown()
         self.stream.close()
+
+
+def gpu_stream(
+    plan: StreamPlan,
+    augment: AugmentConfig,
+    image_size: int,
+    device: torch.device,
+    *,
+    state: dict | None = None,
+    max_bad_fraction: float = 0.01,
+) -> Prefetched:
+    """The training stream of `data.decode: gpu`, as `mixer run` reads it: workers read the shards and draw each
+    image's crop and flip, this process decodes and crops the batches on `device`, `Prefetched.AHEAD` ahead."""
+    stream = TrainStream(plan, gpu_prepare(augment), collate=pack, state=state, max_bad_fraction=max_bad_fraction)
+    return Prefetched(stream, GpuAugment(augment, image_size, device))
