@@ -127,7 +127,7 @@ def resized_crops(
                 last -= 1
                 break
             height, width = h, w
-        group = [image if image.shape[0] == 3 else image.expand(3, -1, -1) for image in images[first : last + 1]]
+        group = images[first : last + 1]  # all RGB: nvJPEG and the workers decode to three channels
         padded = torch.nested.as_nested_tensor(group, dtype=dtype).to_padded_tensor(0.0)  # (n, 3, height, width)
         top, left, h, w, flip = params[first : last + 1].unbind(1)
         rows = resize_weights(top, h, height, size).to(dtype)  # (n, size, height)
