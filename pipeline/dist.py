@@ -30,9 +30,9 @@ class DistEnv:
 
 # Hardware work queues per GPU (CUDA's default is 8). Streams beyond that many share queues, and a kernel then
 # waits behind unrelated work of another stream in its queue. nvJPEG decodes on streams of its own (14 of them), so
-# with 8 queues its per-image copies and kernels held up the training step's: Mixer-B/16 trained from JPEG shards
-# at 84% of its synthetic-input rate, 92% with 32 queues (docs/BENCHMARKS.md). CUDA reads the variable when it
-# makes the context.
+# with 8 queues its per-image copies and kernels held up the training step's: on one H100, Mixer-B/16 trained from
+# JPEG shards at 86.1% of its synthetic-input rate, 92.5% with 32 queues (docs/BENCHMARKS.md). CUDA reads the
+# variable when it makes the context.
 CUDA_QUEUES = "32"
 
 
