@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import DeepSpeedConfig, StageConfig
-from pipeline.models.mixer import unstack_state
+from pipeline.models.mixer import MixerBlock, unstack_state
 
 # DeepSpeed logs every setting at INFO on every rank, and warns when it falls back to the CPU; say it outright.
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -177,6 +177,8 @@ def build_engine(
     torch.compile's mode for the model, None for eager; `fp8`: see `to_float8`."""
     if fp8 != "none":
         to_float8(model, fp8)
+    if config["zero_optimization"]["stage"] == 3:
+        gather_with_their_block(model)
     if compile_mode is not None:
         model.compile(mode=compile_mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
     if stage.kind == "eval":
@@ -193,6 +195,16 @@ def build_engine(
         )
     skip_steps_on_device(engine)
     return engine
+
+
+def gather_with_their_block(model: nn.Module) -> None:
+    """ZeRO-3 gathers a module's partitioned parameters when that module's forward runs. A padded token-mixing MLP
+    (`MixerBlock._mix_tokens`) is computed from its block's forward with its `Linear` weights as plain tensors, so
+    those must be gathered with the block instead (DeepSpeed's external parameters)."""
+    for block in model.modules():
+        if isinstance(block, MixerBlock) and block.token_pad:
+            for param in block.token_mixing.parameters():
+                deepspeed.zero.register_external_parameter(block, param)
 
 
 def _mask_non_finite(norm: torch.Tensor, device: Any = None, val: float = -1.0) -> None:
