@@ -298,7 +298,8 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[
         for compiled, mode in (("", None), (" + compile", "default"), (" + max-autotune", AUTOTUNE)):
             for precision, fp8, stacked, suffix in precisions:
                 name = f"ours DeepSpeed ZeRO-{zero}{compiled}{suffix}"
-                options = {**ds_options, "precision": precision, "fp8": fp8}
+                # ZeRO-3 + compile is DeepSpeed's DeepCompile, as in `mixer run`
+                options = {**ds_options, "precision": precision, "fp8": fp8, "compile": mode is not None}
                 builders[name] = lambda z=zero, m=mode, o=options, s=stacked: _deepspeed_step(
                     _deepspeed_engine(spec, batch, z, m, o, gelu, s), o
                 )

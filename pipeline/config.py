@@ -200,7 +200,11 @@ class DeepSpeedConfig:
     precision: str = "auto"
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000  # elements
-    compile: bool = False  # torch.compile the model (in place: parameter names and checkpoints are unchanged)
+    # torch.compile the model (in place: parameter names and checkpoints are unchanged). ZeRO-3 training stages on
+    # GPUs compile through DeepSpeed's DeepCompile instead, which puts ZeRO's parameter gathers and releases and its
+    # gradient reductions in the compiled graph: the model compiled around ZeRO-3's per-module hooks ran at a fifth
+    # of ZeRO-2's speed (H/14) or failed in Inductor (B/16, L/16) on an H100 (docs/BENCHMARKS.md)
+    compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode: "default" or "max-autotune-no-cudagraphs"
     # float8 matrix products in the channel-mixing MLPs (torchao; needs a GPU of compute capability 8.9+, such as
     # an H100; emulated on the CPU): "none", or torchao's scaling recipe "tensorwise" or "rowwise"
@@ -529,6 +533,12 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         if stage.zero_stage is not None:
             _choice(stage.zero_stage, (0, 1, 2, 3), f"{where}.zero_stage", source)
         zero = cfg.deepspeed.zero_stage if stage.zero_stage is None else stage.zero_stage
+        compiled_zero3 = cfg.deepspeed.compile and zero == 3 and stage.kind != "eval"
+        if compiled_zero3 and (cfg.deepspeed.compile_mode != "default" or cfg.deepspeed.fp8 != "none"):
+            raise ConfigError(
+                f"{source}: {where} runs ZeRO-3 with deepspeed.compile, which compiles through DeepSpeed's"
+                " DeepCompile: 'deepspeed.compile_mode' must be default and 'deepspeed.fp8' none"
+            )
         if cfg.model.stacked and zero == 3:
             raise ConfigError(
                 f"{source}: 'model.stacked' needs ZeRO 0-2, but {where} runs ZeRO-3, which would gather all blocks'"

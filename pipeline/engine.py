@@ -92,6 +92,9 @@ def build_config(
         # No optimiser: only ZeRO-3's parameter partitioning means anything for a forward pass.
         config["zero_optimization"] = {"stage": 3 if zero == 3 else 0}
         return config
+    if ds.compile and zero == 3 and device.type == "cuda":
+        # DeepSpeed's DeepCompile (it has no CPU build): `build_engine` compiles through the engine, not the model
+        config["compile"] = {"deepcompile": True}
     optim = stage.optim
     if optim.grad_clip > 0:
         config["gradient_clipping"] = optim.grad_clip
@@ -174,12 +177,16 @@ def build_engine(
     model: nn.Module, stage: StageConfig, config: dict, compile_mode: str | None = None, fp8: str = "none"
 ) -> Engine:
     """deepspeed.initialize with our optimiser choice; the process group must already exist. `compile_mode`:
-    torch.compile's mode for the model, None for eager; `fp8`: see `to_float8`."""
+    torch.compile's mode for the model, None for eager; `fp8`: see `to_float8`. With DeepCompile in `config`
+    (compiled ZeRO-3 on GPUs) the engine compiles the model after ZeRO has partitioned it, in the default mode."""
     if fp8 != "none":
         to_float8(model, fp8)
+    deepcompile = compile_mode is not None and config.get("compile", {}).get("deepcompile", False)
+    if deepcompile and (compile_mode != "default" or fp8 != "none"):
+        raise ValueError(f"DeepCompile runs torch.compile's default mode without fp8, not {compile_mode!r}, {fp8!r}")
     if config["zero_optimization"]["stage"] == 3:
         gather_with_their_block(model)
-    if compile_mode is not None:
+    if compile_mode is not None and not deepcompile:
         model.compile(mode=compile_mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
     if stage.kind == "eval":
         with _quiet():
@@ -193,6 +200,8 @@ def build_engine(
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config
         )
+    if deepcompile:
+        engine.compile()  # DeepCompile's backend: Inductor, with ZeRO's gathers, releases and reductions in the graph
     skip_steps_on_device(engine)
     return engine
 

@@ -71,6 +71,14 @@ def test_bool_is_not_an_int(tmp_path):
             lambda d: (d["model"].update(stacked=True), d["stages"][0].update(zero_stage=3)),
             r"model.stacked' needs ZeRO 0-2, but stages\[pretrain\] runs ZeRO-3",
         ),
+        (
+            lambda d: (
+                d["model"].update(stacked=False),
+                d["deepspeed"].update(compile=True, compile_mode="max-autotune-no-cudagraphs"),
+                d["stages"][1].update(zero_stage=3),
+            ),
+            r"stages\[finetune\] runs ZeRO-3 with deepspeed.compile, which compiles through DeepSpeed's DeepCompile",
+        ),
         (lambda d: d["stages"].append(dict(d["stages"][0])), "two stages are named 'pretrain'"),
         (lambda d: d["data"].update(mode="sharded"), "data.mode' is 'sharded'"),
         (lambda d: d["data"].update(decode="npu"), "data.decode' is 'npu'"),

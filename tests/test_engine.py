@@ -70,6 +70,18 @@ def test_autocast_keeps_fp32_weights_and_bf16_matmuls_and_no_step_syncs():
     assert config["timers"]["throughput"]["enabled"] is False
 
 
+def test_compiled_zero3_on_gpus_compiles_through_deepcompile_in_the_default_mode():
+    ds = DeepSpeedConfig(zero_stage=3, compile=True)
+    assert build_config(stage(), ds, 2, GPU)["compile"] == {"deepcompile": True}
+    assert "compile" not in build_config(stage(), ds, 2, CPU)  # DeepSpeed has no CPU build of DeepCompile
+    assert "compile" not in build_config(stage("eval"), ds, 2, GPU)  # no optimiser: the model compiles as usual
+    assert "compile" not in build_config(stage(zero_stage=2), ds, 2, GPU)
+    assert "compile" not in build_config(stage(), DeepSpeedConfig(zero_stage=3), 2, GPU)
+    model = MlpMixer(MixerSpec(2, 4, 16, 8, 32, 16), num_classes=3)
+    with pytest.raises(ValueError, match="DeepCompile runs torch.compile's default mode"):
+        build_engine(model, stage(), build_config(stage(), ds, 1, GPU), "max-autotune-no-cudagraphs")
+
+
 def test_eval_stage_has_no_optimizer():
     config = build_config(stage("eval"), DeepSpeedConfig(zero_stage=2), 2, CPU)
     assert "optimizer" not in config and "scheduler" not in config
