@@ -149,10 +149,20 @@ def test_the_sync_free_norm_mask_matches_deepspeeds():
     assert torch.equal(norm, expected) and norm.tolist() == [1.5, -1.0, -1.0, -1.0, 0.0]
 
 
-def _skip_worker(rank: int, port: int, checkpoints: Path) -> None:
+def _join_two_gloo_ranks(rank: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     init_process_group(read_env("cpu"))
+
+
+def _pretrain_stage() -> StageConfig:
+    return StageConfig(
+        name="pretrain", kind="pretrain", dataset="d", steps=100, micro_batch=4, optim=OptimConfig(lr=0.05)
+    )
+
+
+def _skip_worker(rank: int, port: int, checkpoints: Path) -> None:
+    _join_two_gloo_ranks(rank, port)
     train = StageConfig(
         name="pretrain",
         kind="pretrain",
@@ -220,12 +230,8 @@ def test_zero2_skips_a_nan_gradient_step_on_the_device_as_deepspeed_does(tmp_pat
 
 
 def _stacked_worker(rank: int, port: int, checkpoints: Path) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    init_process_group(read_env("cpu"))
-    train = StageConfig(
-        name="pretrain", kind="pretrain", dataset="d", steps=100, micro_batch=4, optim=OptimConfig(lr=0.05)
-    )
+    _join_two_gloo_ranks(rank, port)
+    train = _pretrain_stage()
     config = build_config(train, DeepSpeedConfig(zero_stage=2), 2, CPU)
     spec = MixerSpec(2, 4, 16, 8, 32, 20)  # S = 25 tokens: the padded token mixing
     torch.manual_seed(0)
@@ -271,12 +277,8 @@ def test_stacked_blocks_train_resume_and_consolidate_as_per_block_ones_under_zer
 
 
 def _zero3_worker(rank: int, port: int, checkpoints: Path) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    init_process_group(read_env("cpu"))
-    train = StageConfig(
-        name="pretrain", kind="pretrain", dataset="d", steps=100, micro_batch=4, optim=OptimConfig(lr=0.05)
-    )
+    _join_two_gloo_ranks(rank, port)
+    train = _pretrain_stage()
     spec = MixerSpec(2, 4, 16, 8, 32, 20)  # S = 25 tokens: the padded token mixing
     torch.manual_seed(0)
     start = MlpMixer(spec, num_classes=3)
