@@ -203,7 +203,8 @@ class DeepSpeedConfig:
     # torch.compile the model (in place: parameter names and checkpoints are unchanged). ZeRO-3 training stages on
     # GPUs compile through DeepSpeed's DeepCompile instead, which puts ZeRO's parameter gathers and releases and its
     # gradient reductions in the compiled graph: the model compiled around ZeRO-3's per-module hooks ran at a fifth
-    # of ZeRO-2's speed (H/14) or failed in Inductor (B/16, L/16) on an H100 (docs/BENCHMARKS.md)
+    # of ZeRO-2's speed (H/14) or failed in Inductor (B/16) on an H100 (docs/BENCHMARKS.md); ZeRO-3 evaluation
+    # stages on GPUs run eager
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode: "default" or "max-autotune-no-cudagraphs"
     # float8 matrix products in the channel-mixing MLPs (torchao; needs a GPU of compute capability 8.9+, such as

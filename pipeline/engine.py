@@ -186,8 +186,9 @@ def build_engine(
         raise ValueError(f"DeepCompile runs torch.compile's default mode without fp8, not {compile_mode!r}, {fp8!r}")
     if config["zero_optimization"]["stage"] == 3:
         gather_with_their_block(model)
-    if compile_mode is not None and not deepcompile:
-        model.compile(mode=compile_mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
+    mode = model_compile_mode(config, compile_mode, deepspeed.get_accelerator().device_name())
+    if mode is not None:
+        model.compile(mode=mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
     if stage.kind == "eval":
         with _quiet():
             engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -204,6 +205,18 @@ def build_engine(
         engine.compile()  # DeepCompile's backend: Inductor, with ZeRO's gathers, releases and reductions in the graph
     skip_steps_on_device(engine)
     return engine
+
+
+def model_compile_mode(config: dict, compile_mode: str | None, device: str) -> str | None:
+    """torch.compile's mode for compiling the model itself, before `deepspeed.initialize`; None where it is not:
+    eager, or compiled by DeepCompile (`config`). Under ZeRO-3 without DeepCompile on GPUs (evaluation stages:
+    no optimiser) the model runs eager: compiled around ZeRO-3's per-module hooks, B/16 failed in Inductor with a
+    misaligned address on an H100 (docs/BENCHMARKS.md)."""
+    if config.get("compile", {}).get("deepcompile", False):
+        return None
+    if config["zero_optimization"]["stage"] == 3 and device == "cuda":
+        return None
+    return compile_mode
 
 
 def gather_with_their_block(model: nn.Module) -> None:

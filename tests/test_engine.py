@@ -18,6 +18,7 @@ from pipeline.engine import (
     consolidated_state_dict,
     load_checkpoint,
     matmul_dtype,
+    model_compile_mode,
     param_groups,
     save_checkpoint,
     skipped_steps,
@@ -77,6 +78,11 @@ def test_compiled_zero3_on_gpus_compiles_through_deepcompile_in_the_default_mode
     assert "compile" not in build_config(stage("eval"), ds, 2, GPU)  # no optimiser: the model compiles as usual
     assert "compile" not in build_config(stage(zero_stage=2), ds, 2, GPU)
     assert "compile" not in build_config(stage(), DeepSpeedConfig(zero_stage=3), 2, GPU)
+    mode = "default"
+    assert model_compile_mode(build_config(stage(), ds, 2, GPU), mode, "cuda") is None  # the engine compiles
+    assert model_compile_mode(build_config(stage("eval"), ds, 2, GPU), mode, "cuda") is None  # eager under ZeRO-3
+    assert model_compile_mode(build_config(stage(), ds, 2, CPU), mode, "cpu") == mode
+    assert model_compile_mode(build_config(stage(zero_stage=2), ds, 2, GPU), mode, "cuda") == mode
     model = MlpMixer(MixerSpec(2, 4, 16, 8, 32, 16), num_classes=3)
     with pytest.raises(ValueError, match="DeepCompile runs torch.compile's default mode"):
         build_engine(model, stage(), build_config(stage(), ds, 1, GPU), "max-autotune-no-cudagraphs")
