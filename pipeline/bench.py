@@ -29,7 +29,7 @@ from pipeline.data.bench import bench_plan, bench_source
 from pipeline.data.gpu import Prefetched, gpu_stream
 from pipeline.data.transforms import normalize
 from pipeline.flops import measure_matmul_flops, peak_flops, train_flops_per_image
-from pipeline.models.mixer import VARIANTS, MixerSpec, MlpMixer
+from pipeline.models.mixer import REMAT, VARIANTS, MixerSpec, MlpMixer, bytes_kept_for_backward
 
 NUM_CLASSES = 1000
 Step = Callable[[torch.Tensor, torch.Tensor], None]
@@ -333,6 +333,27 @@ ALL_VARIANTS = [
     "ours DeepSpeed ZeRO-2",
     "ours DeepSpeed ZeRO-3 (autocast)",
 ]
+
+
+def run_remat_bench(model: str, device: str) -> dict:
+    """Activation memory per `model.remat` setting: the bytes a training forward pass keeps for the backward pass
+    under bf16 autocast, eager, per image (the difference between batches of 2 and 1) and independent of the batch
+    (bf16 copies of the weights)."""
+    spec = VARIANTS[model]
+    target = torch.device(device)
+    rows = []
+    for remat in REMAT:
+        torch.manual_seed(0)
+        mixer = MlpMixer(spec, NUM_CLASSES, remat=remat).to(target)
+        kept = []
+        for batch in (1, 2):
+            images = torch.randn(batch, 3, spec.image_size, spec.image_size, device=target)
+            with torch.autocast(target.type, dtype=torch.bfloat16):
+                kept.append(bytes_kept_for_backward(mixer, images))
+        per_image, fixed = kept[1] - kept[0], 2 * kept[0] - kept[1]
+        rows.append({"remat": remat, "mib_per_image": per_image / 2**20, "fixed_mib": fixed / 2**20})
+    name = torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu"
+    return {"model": model, "device": name, "torch": torch.__version__, "rows": rows}
 
 
 def run_checkpoint_bench(model: str, batch: int, saves: int, steps: int, workdir: Path) -> dict:

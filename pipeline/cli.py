@@ -361,6 +361,16 @@ def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
     return _report(title, columns, rows, result, args.json)
 
 
+def cmd_bench_remat(args: argparse.Namespace) -> int:
+    """Activation memory kept for the backward pass per `model.remat` setting (eager, bf16 autocast)."""
+    from pipeline import bench
+
+    result = bench.run_remat_bench(args.model, args.device)
+    rows = [[r["remat"], f"{r['mib_per_image']:.1f}", f"{r['fixed_mib']:.0f}"] for r in result["rows"]]
+    title = f"Mixer-{args.model}, kept for the backward pass, {result['device']}"
+    return _report(title, ("model.remat", "MiB per image", "MiB per batch"), rows, result, args.json)
+
+
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     """Weak scaling of a real experiment: `mixer run CONFIG` on each number of ranks and ZeRO stage, one node."""
     from pipeline.scaling import run_scale_bench
@@ -569,6 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--workdir", default="runs/bench-checkpoint", help="where the checkpoints are written")
     ckpt.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
     ckpt.set_defaults(func=cmd_bench_checkpoint)
+
+    remat = bench_sub.add_parser(
+        "remat", help="activation memory per model.remat setting", description=cmd_bench_remat.__doc__
+    )
+    remat.add_argument("--model", default="H/14", choices=["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"])
+    remat.add_argument("--device", default="cpu", help="cpu or cuda")
+    remat.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
+    remat.set_defaults(func=cmd_bench_remat)
 
     scale = bench_sub.add_parser(
         "scale", help="images/s, MFU and memory of an experiment on 1..N ranks", description=cmd_bench_scale.__doc__

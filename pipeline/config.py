@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.models.mixer import VARIANTS, MixerSpec
+from pipeline.models.mixer import REMAT, VARIANTS, MixerSpec
 
 STAGE_KINDS = ("pretrain", "finetune", "eval")
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin")
@@ -42,6 +42,10 @@ class ModelConfig:
     # far less per-tensor work in DeepSpeed's ZeRO (docs/BENCHMARKS.md). Not with deepspeed.fp8, which swaps
     # per-block Linear modules, nor ZeRO-3; a checkpoint resumes only under the layout that wrote it.
     stacked: bool = False
+    # Activation memory for large micro-batches (L, H): what each block keeps for the backward pass. "none";
+    # "matmuls": the matrix products' outputs, LayerNorms and GELUs recomputed; "blocks": the block's input only,
+    # the whole block recomputed (one more forward pass). The weights and results are the same.
+    remat: str = "none"
 
     def spec(self) -> MixerSpec:
         """The resolved shape: the variant's widths with any explicitly set dimension on top."""
@@ -455,6 +459,7 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
             if getattr(cfg.model, name) is None:
                 raise ConfigError(f"{source}: 'model.{name}' is required when model.variant is not set")
     _choice(cfg.model.gelu, ("exact", "tanh"), "model.gelu", source)
+    _choice(cfg.model.remat, REMAT, "model.remat", source)
     try:
         cfg.model.spec().validate()
     except ValueError as err:

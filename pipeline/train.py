@@ -116,6 +116,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         dropout=stage.dropout,
         gelu=cfg.model.gelu,
         stacked=cfg.model.stacked,
+        remat=cfg.model.remat,
     )
     seed_everything(cfg.seed + 1000 * (env.rank + 1))
 

@@ -1,7 +1,10 @@
+import json
+
 import torch
 
 from pipeline.bench import ALL_VARIANTS, DEFAULT_VARIANTS, EndToEnd, _builders, shard_batches, standardised
 from pipeline.models.mixer import MixerSpec
+from tests.conftest import run_mixer
 
 
 def test_every_listed_variant_has_a_builder():
@@ -25,3 +28,14 @@ def test_end_to_end_batches_come_from_generated_jpeg_shards(tmp_path, monkeypatc
     finally:
         stream.close()
     assert (tmp_path / "mixer-bench-photos-40" / "index.json").exists()
+
+
+def test_bench_remat_reports_the_activation_memory_of_each_setting(tmp_path):
+    """`mixer bench remat` on the CPU: recomputing more keeps less per image, and recomputing also drops the bf16
+    copies of the weights that autocast keeps (they are cast again in the backward pass)."""
+    result = run_mixer("bench", "remat", "--model", "S/32", "--json", str(tmp_path / "remat.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["remat"]: r for r in json.loads((tmp_path / "remat.json").read_text())["rows"]}
+    assert rows["blocks"]["mib_per_image"] < rows["matmuls"]["mib_per_image"] < rows["none"]["mib_per_image"]
+    assert rows["matmuls"]["fixed_mib"] < rows["none"]["fixed_mib"]
+    assert "kept for the backward pass" in result.stdout

@@ -62,6 +62,7 @@ def test_bool_is_not_an_int(tmp_path):
         (lambda d: d["model"].update(patch_size=5), "not a multiple of patch_size"),
         (lambda d: d["model"].pop("hidden_dim"), "model.hidden_dim' is required"),
         (lambda d: d["deepspeed"].update(zero_stage=4), "zero_stage' is 4"),
+        (lambda d: d["model"].update(remat="all"), "model.remat' is 'all'"),
         (lambda d: d["deepspeed"].update(fp8="e4m3"), "deepspeed.fp8' is 'e4m3'"),
         (
             lambda d: (d["model"].update(stacked=True), d["deepspeed"].update(fp8="rowwise")),

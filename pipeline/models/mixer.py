@@ -10,6 +10,7 @@ Parameter names follow the official Flax checkpoints one-to-one:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -18,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 # Flax's LayerNorm epsilon; the official checkpoints were trained with it.
@@ -105,6 +107,49 @@ def mlp(
     return out[..., :-pad] if pad else out
 
 
+# What a block keeps for its backward pass (`remat`): "none" everything autograd saves; "matmuls" only the matrix
+# products' outputs, the LayerNorms, GELUs and the rest recomputed from them; "blocks" only the block's input, the
+# whole block recomputed. Recomputation replays the block's random draws (stochastic depth) as they were.
+REMAT = ("none", "matmuls", "blocks")
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+_CHECKPOINT = {"use_reentrant": False}
+if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:  # torch >= 2.14
+    # What "matmuls" keeps goes through saved-tensor hooks (torch.autograd.graph.save_on_cpu) as anything else would
+    _CHECKPOINT["respect_saved_tensors_hooks"] = True
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def rematerialised(block: Layer, x: torch.Tensor, remat: str) -> torch.Tensor:
+    """`block(x)`, keeping for the backward pass what `remat` says (REMAT); plain `block(x)` where nothing is
+    recorded for a backward pass (evaluation)."""
+    if remat == "none" or not (torch.is_grad_enabled() and x.requires_grad):
+        return block(x)
+    if remat == "matmuls":
+        return checkpoint(
+            block, x, context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls), **_CHECKPOINT
+        )
+    return checkpoint(block, x, **_CHECKPOINT)
+
+
+def bytes_kept_for_backward(model: nn.Module, images: torch.Tensor) -> int:
+    """Bytes of the tensors a forward pass of `model` keeps for its backward pass (each storage counted once), then
+    runs the backward pass. Parameters and the input count too where autograd keeps them."""
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(images).float().sum().backward()
+    return sum(storages.values())
+
+
 def _token_pad(spec: MixerSpec) -> int:
     """Zeros that pad the patch axis to a multiple of 16 (196 -> 208 at 224/16): rows of 196 bf16 values are not
     16-byte aligned, and cuBLAS then falls back to GEMMs 2-3x slower (docs/BENCHMARKS.md)."""
@@ -164,9 +209,10 @@ class StackedBlocks(nn.Module):
     `load_state_dict()` speak the per-block names (`blocks.{i}.token_norm.weight`), so weight files are the same
     either way; ZeRO's own checkpoint partitions follow the stacked layout."""
 
-    def __init__(self, spec: MixerSpec, drop_paths: list[float], gelu: str) -> None:
+    def __init__(self, spec: MixerSpec, drop_paths: list[float], gelu: str, remat: str = "none") -> None:
         super().__init__()
         n = spec.num_blocks
+        self.remat = remat
         # One block's parameters as MixerBlock makes them (names, shapes, LayerNorm ones and zeros), N times over.
         block = dict(MixerBlock(spec, 0.0, gelu).named_parameters())
         for name in BLOCK_PARAMETERS:
@@ -190,14 +236,15 @@ class StackedBlocks(nn.Module):
         per_block = zip(*(self.get_parameter(name).unbind(0) for name in BLOCK_PARAMETERS), strict=True)
         for rate, values in zip(self.drop_paths, per_block, strict=True):
             p = dict(zip(BLOCK_PARAMETERS, values, strict=True))
-            x = mixer_block(
-                x,
-                partial(self._norm, weight=p["token_norm.weight"], bias=p["token_norm.bias"]),
-                partial(mlp, **self._dense(p, "token_mixing"), act=self.act, pad=self.token_pad),
-                partial(self._norm, weight=p["channel_norm.weight"], bias=p["channel_norm.bias"]),
-                partial(mlp, **self._dense(p, "channel_mixing"), act=self.act),
-                partial(stochastic_depth, p=rate, mode="row", training=self.training),
+            block = partial(
+                mixer_block,
+                token_norm=partial(self._norm, weight=p["token_norm.weight"], bias=p["token_norm.bias"]),
+                mix_tokens=partial(mlp, **self._dense(p, "token_mixing"), act=self.act, pad=self.token_pad),
+                channel_norm=partial(self._norm, weight=p["channel_norm.weight"], bias=p["channel_norm.bias"]),
+                mix_channels=partial(mlp, **self._dense(p, "channel_mixing"), act=self.act),
+                drop=partial(stochastic_depth, p=rate, mode="row", training=self.training),
             )
+            x = rematerialised(block, x, self.remat)
         return x
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -268,10 +315,14 @@ class MlpMixer(nn.Module):
         dropout: float = 0.0,
         gelu: str = "exact",
         stacked: bool = False,
+        remat: str = "none",
     ) -> None:
         super().__init__()
         spec.validate()
+        if remat not in REMAT:
+            raise ValueError(f"remat is {remat!r}; one of {REMAT}")
         self.spec = spec
+        self.remat = remat
         self.num_classes = num_classes
         p = spec.patch_size
         self.stem = nn.Conv2d(3, spec.hidden_dim, kernel_size=p, stride=p)
@@ -279,7 +330,9 @@ class MlpMixer(nn.Module):
         rates = [stoch_depth * i / max(spec.num_blocks - 1, 1) for i in range(spec.num_blocks)]
         # `stacked`: one tensor per block parameter across all blocks (see StackedBlocks); the same model.
         self.blocks = (
-            StackedBlocks(spec, rates, gelu) if stacked else nn.Sequential(*(MixerBlock(spec, r, gelu) for r in rates))
+            StackedBlocks(spec, rates, gelu, remat)
+            if stacked
+            else nn.Sequential(*(MixerBlock(spec, r, gelu) for r in rates))
         )
         self.pre_head_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(dropout)
@@ -304,7 +357,11 @@ class MlpMixer(nn.Module):
         """Pre-logit features (B, C): what few-shot and linear probes read."""
         x = self.stem(images)  # (B, C, H/P, W/P)
         x = x.flatten(2).transpose(1, 2)  # (B, S, C)
-        x = self.blocks(x)
+        if isinstance(self.blocks, StackedBlocks):
+            x = self.blocks(x)
+        else:
+            for block in self.blocks:
+                x = rematerialised(block, x, self.remat)
         return self.pre_head_norm(x).mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # images: (B, 3, H, W)

@@ -6,6 +6,7 @@ from pipeline.models.mixer import (
     VARIANTS,
     MixerSpec,
     MlpMixer,
+    bytes_kept_for_backward,
     count_params,
     grow_resolution,
     unstack_state,
@@ -150,16 +151,24 @@ def test_grown_token_mixing_is_block_diagonal():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("mode", "stacked"), [("default", False), ("max-autotune-no-cudagraphs", False), ("default", True)]
+    ("mode", "stacked", "remat"),
+    [
+        ("default", False, "none"),
+        ("max-autotune-no-cudagraphs", False, "none"),
+        ("default", True, "none"),
+        ("default", False, "matmuls"),
+        ("default", True, "blocks"),
+    ],
 )
-def test_compiled_bf16_autocast_model_matches_eager_fp32_logits_and_gradients(mode, stacked):
+def test_compiled_bf16_autocast_model_matches_eager_fp32_logits_and_gradients(mode, stacked, remat):
     """The fast path (`deepspeed.compile`, `precision: autocast`) against the plain eager fp32 model: the same
-    logits and gradients up to bf16 rounding (its 8-bit mantissa gives ~0.4% per product)."""
+    logits and gradients up to bf16 rounding (its 8-bit mantissa gives ~0.4% per product), also with the blocks
+    recomputed in the backward pass (`model.remat`)."""
     torch.manual_seed(0)
     spec = MixerSpec(2, 4, 32, 16, 64, 16)
     eager = MlpMixer(spec, num_classes=5)
     torch.nn.init.normal_(eager.head.weight, std=0.2)  # a zero head would make every logit and most gradients 0
-    fast = MlpMixer(spec, num_classes=5, stacked=stacked)
+    fast = MlpMixer(spec, num_classes=5, stacked=stacked, remat=remat)
     fast.load_state_dict(eager.state_dict())
     fast.compile(mode=mode)
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
@@ -247,3 +256,36 @@ def test_unstack_state_splits_only_stacked_keys():
     assert list(out) == list(per_block.state_dict())  # the stacked entries split in place, block by block
     assert all(torch.equal(out[k], v) for k, v in per_block.state_dict().items())
     assert unstack_state(per_block.state_dict()).keys() == per_block.state_dict().keys()  # per-block: unchanged
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_remat_keeps_less_for_the_backward_pass_and_changes_no_number(stacked):
+    """Recomputed blocks give the same logits and gradients, with stochastic depth's draws replayed as they were;
+    "matmuls" keeps less than nothing recomputed, "blocks" less again."""
+    spec = MixerSpec(num_blocks=3, patch_size=4, hidden_dim=16, tokens_mlp_dim=12, channels_mlp_dim=32, image_size=20)
+    torch.manual_seed(0)
+    reference = MlpMixer(spec, num_classes=5, stoch_depth=0.5, stacked=stacked)
+    torch.nn.init.normal_(reference.head.weight)
+    images = torch.randn(6, 3, 20, 20, requires_grad=True)
+    results, saved = {}, {}
+    for remat in ("none", "matmuls", "blocks"):
+        model = MlpMixer(spec, num_classes=5, stoch_depth=0.5, stacked=stacked, remat=remat)
+        model.load_state_dict(reference.state_dict())
+        torch.manual_seed(1)
+        logits = model(images)
+        logits.square().sum().backward()
+        results[remat] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+        saved[remat] = bytes_kept_for_backward(model, images)
+        assert torch.equal(model.eval()(images), reference.eval()(images))  # evaluation: no recomputation
+    ref_logits, ref_grads = results["none"]
+    for remat in ("matmuls", "blocks"):
+        logits, grads = results[remat]
+        assert torch.equal(logits, ref_logits), remat
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=f"{remat}: {name}")
+    assert saved["blocks"] < saved["matmuls"] < saved["none"], saved
+
+
+def test_unknown_remat_is_refused():
+    with pytest.raises(ValueError, match="remat is 'all'"):
+        MlpMixer(TINY, num_classes=3, remat="all")
