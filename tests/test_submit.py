@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.dist import free_port
 from tests.conftest import REPO, apt_install, run_mixer
 
 pytestmark = pytest.mark.slow
@@ -35,8 +36,8 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -58,7 +59,11 @@ def slurm(tmp_path_factory):
     for sub in ("state", "spool"):
         (root / sub).mkdir()
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), root=root, cpus=os.cpu_count()))
+    # Free ports, not fixed ones: daemons left over by a killed test run must not answer this cluster's commands
+    ctld_port = free_port()
+    slurmd_port = next(port for port in iter(free_port, None) if port != ctld_port)
+    ports = {"ctld_port": ctld_port, "slurmd_port": slurmd_port}
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), root=root, cpus=os.cpu_count(), **ports))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
         Path("/run/munge").mkdir(exist_ok=True)
