@@ -181,7 +181,7 @@ def build_engine(
     (compiled ZeRO-3 on GPUs) the engine compiles the model after ZeRO has partitioned it, in the default mode."""
     if fp8 != "none":
         to_float8(model, fp8)
-    deepcompile = compile_mode is not None and config.get("compile", {}).get("deepcompile", False)
+    deepcompile = compile_mode is not None and uses_deepcompile(config)
     if deepcompile and (compile_mode != "default" or fp8 != "none"):
         raise ValueError(f"DeepCompile runs torch.compile's default mode without fp8, not {compile_mode!r}, {fp8!r}")
     if config["zero_optimization"]["stage"] == 3:
@@ -207,12 +207,17 @@ def build_engine(
     return engine
 
 
+def uses_deepcompile(config: dict) -> bool:
+    """Whether the DeepSpeed config `build_config` wrote compiles through DeepCompile (compiled ZeRO-3 on GPUs)."""
+    return config.get("compile", {}).get("deepcompile", False)
+
+
 def model_compile_mode(config: dict, compile_mode: str | None, device: str) -> str | None:
     """torch.compile's mode for compiling the model itself, before `deepspeed.initialize`; None where it is not:
     eager, or compiled by DeepCompile (`config`). Under ZeRO-3 without DeepCompile on GPUs (evaluation stages:
     no optimiser) the model runs eager: compiled around ZeRO-3's per-module hooks, B/16 failed in Inductor with a
     misaligned address on an H100 (docs/BENCHMARKS.md)."""
-    if config.get("compile", {}).get("deepcompile", False):
+    if uses_deepcompile(config):
         return None
     if config["zero_optimization"]["stage"] == 3 and device == "cuda":
         return None

@@ -200,6 +200,19 @@ class MixerBlock(nn.Module):
         return mlp(y, m.dense_0.weight, m.dense_0.bias, m.dense_1.weight, m.dense_1.bias, m.act, self.token_pad)
 
 
+class Blocks(nn.Sequential):
+    """The N `MixerBlock`s in order, each run through `rematerialised` (`remat`)."""
+
+    def __init__(self, blocks: list[MixerBlock], remat: str = "none") -> None:
+        super().__init__(*blocks)
+        self.remat = remat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, C)
+        for block in self:
+            x = rematerialised(block, x, self.remat)
+        return x
+
+
 class StackedBlocks(nn.Module):
     """The N Mixer blocks with each of a block's 12 parameters stacked along a leading block axis: 12 parameter
     tensors in all, instead of 12 N, and the same arithmetic as N `MixerBlock`s.
@@ -322,7 +335,6 @@ class MlpMixer(nn.Module):
         if remat not in REMAT:
             raise ValueError(f"remat is {remat!r}; one of {REMAT}")
         self.spec = spec
-        self.remat = remat
         self.num_classes = num_classes
         p = spec.patch_size
         self.stem = nn.Conv2d(3, spec.hidden_dim, kernel_size=p, stride=p)
@@ -332,7 +344,7 @@ class MlpMixer(nn.Module):
         self.blocks = (
             StackedBlocks(spec, rates, gelu, remat)
             if stacked
-            else nn.Sequential(*(MixerBlock(spec, r, gelu) for r in rates))
+            else Blocks([MixerBlock(spec, r, gelu) for r in rates], remat)
         )
         self.pre_head_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(dropout)
@@ -357,11 +369,7 @@ class MlpMixer(nn.Module):
         """Pre-logit features (B, C): what few-shot and linear probes read."""
         x = self.stem(images)  # (B, C, H/P, W/P)
         x = x.flatten(2).transpose(1, 2)  # (B, S, C)
-        if isinstance(self.blocks, StackedBlocks):
-            x = self.blocks(x)
-        else:
-            for block in self.blocks:
-                x = rematerialised(block, x, self.remat)
+        x = self.blocks(x)
         return self.pre_head_norm(x).mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # images: (B, 3, H, W)
