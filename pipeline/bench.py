@@ -120,6 +120,7 @@ def _deepspeed_engine(
     ds_options: dict,
     gelu: str = "exact",
     stacked: bool = False,
+    remat: str = "none",
 ) -> eng.Engine:
     stage = StageConfig(
         name="bench",
@@ -131,7 +132,7 @@ def _deepspeed_engine(
     )
     ds = DeepSpeedConfig(**{"zero_stage": zero_stage, "precision": "bf16", **ds_options})
     config = eng.build_config(stage, ds, 1, torch.device("cuda"))
-    model = MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked)
+    model = MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked, remat=remat)
     return eng.build_engine(model, stage, config, compile_mode, ds.fp8)
 
 
@@ -276,8 +277,8 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[
     """Every variant by name: timm's model, ours without DeepSpeed, and ours in DeepSpeed's engine per ZeRO stage,
     compile mode and precision."""
 
-    def ours(stacked: bool = False) -> MlpMixer:
-        return MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked)
+    def ours(stacked: bool = False, remat: str = "none") -> MlpMixer:
+        return MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked, remat=remat)
 
     builders: dict[str, Callable[[], Step]] = {
         "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
@@ -286,22 +287,30 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[
         "ours + max-autotune (no DeepSpeed)": lambda: _plain_step(torch.compile(ours().cuda(), mode=AUTOTUNE)),
         "ours + compile, stacked (no DeepSpeed)": lambda: _plain_step(torch.compile(ours(stacked=True).cuda())),
     }
+    for remat in REMAT[1:]:
+        builders[f"ours + compile, stacked, remat {remat} (no DeepSpeed)"] = lambda r=remat: _plain_step(
+            torch.compile(ours(stacked=True, remat=r).cuda())
+        )
     for recipe in ("tensorwise", "rowwise"):
         builders[f"ours + compile, fp8 {recipe} (no DeepSpeed)"] = lambda r=recipe: _plain_step(
             torch.compile(_float8(ours(), r).cuda())
         )
-    # (precision, fp8 recipe, stacked blocks, name suffix)
-    precisions = [("bf16", "none", False, ""), ("autocast", "none", False, " (autocast)")]
-    precisions += [("bf16", "none", True, " (stacked)"), ("autocast", "none", True, " (autocast, stacked)")]
-    precisions += [("autocast", r, False, f" (autocast, fp8 {r})") for r in ("tensorwise", "rowwise")]
+    # (precision, fp8 recipe, stacked blocks, model.remat, name suffix)
+    precisions = [("bf16", "none", False, "none", ""), ("autocast", "none", False, "none", " (autocast)")]
+    precisions += [
+        ("bf16", "none", True, "none", " (stacked)"),
+        ("autocast", "none", True, "none", " (autocast, stacked)"),
+    ]
+    precisions += [("autocast", r, False, "none", f" (autocast, fp8 {r})") for r in ("tensorwise", "rowwise")]
+    precisions += [("autocast", "none", True, m, f" (autocast, stacked, remat {m})") for m in REMAT[1:]]
     for zero in range(4):
         for compiled, mode in (("", None), (" + compile", "default"), (" + max-autotune", AUTOTUNE)):
-            for precision, fp8, stacked, suffix in precisions:
+            for precision, fp8, stacked, remat, suffix in precisions:
                 name = f"ours DeepSpeed ZeRO-{zero}{compiled}{suffix}"
                 # ZeRO-3 + compile is DeepSpeed's DeepCompile, as in `mixer run`
                 options = {**ds_options, "precision": precision, "fp8": fp8, "compile": mode is not None}
-                builders[name] = lambda z=zero, m=mode, o=options, s=stacked: _deepspeed_step(
-                    _deepspeed_engine(spec, batch, z, m, o, gelu, s), o
+                builders[name] = lambda z=zero, m=mode, o=options, s=stacked, r=remat: _deepspeed_step(
+                    _deepspeed_engine(spec, batch, z, m, o, gelu, s, r), o
                 )
     return builders
 
