@@ -545,11 +545,6 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
                 f"{source}: {where} runs ZeRO-3 with deepspeed.compile, which compiles through DeepSpeed's"
                 " DeepCompile: 'deepspeed.compile_mode' must be default and 'deepspeed.fp8' none"
             )
-        if cfg.model.stacked and zero == 3:
-            raise ConfigError(
-                f"{source}: 'model.stacked' needs ZeRO 0-2, but {where} runs ZeRO-3, which would gather all blocks'"
-                " weights at once (and torch.compile refuses its stacked stand-ins)"
-            )
         _choice(stage.optim.name, ("adamw", "sgd"), f"{where}.optim.name", source)
         _choice(stage.optim.schedule, ("linear", "cosine"), f"{where}.optim.schedule", source)
         _choice(stage.augment.crop, ("inception", "resize"), f"{where}.augment.crop", source)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import DeepSpeedConfig, StageConfig
-from pipeline.models.mixer import MixerBlock, unstack_state
+from pipeline.models.mixer import MixerBlock, StackedBlocks, unstack_state
 
 # DeepSpeed logs every setting at INFO on every rank, and warns when it falls back to the CPU; say it outright.
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -186,7 +186,12 @@ def build_engine(
         raise ValueError(f"DeepCompile runs torch.compile's default mode without fp8, not {compile_mode!r}, {fp8!r}")
     if config["zero_optimization"]["stage"] == 3:
         gather_with_their_block(model)
-    mode = model_compile_mode(config, compile_mode, deepspeed.get_accelerator().device_name())
+    if deepcompile:
+        for blocks in model.modules():
+            if isinstance(blocks, StackedBlocks):
+                blocks.slicing = "select"  # DeepCompile frees gathered weights by their last use; see StackedBlocks
+    stacked = any(isinstance(m, StackedBlocks) for m in model.modules())
+    mode = model_compile_mode(config, compile_mode, deepspeed.get_accelerator().device_name(), stacked)
     if mode is not None:
         model.compile(mode=mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
     if stage.kind == "eval":
@@ -212,14 +217,15 @@ def uses_deepcompile(config: dict) -> bool:
     return config.get("compile", {}).get("deepcompile", False)
 
 
-def model_compile_mode(config: dict, compile_mode: str | None, device: str) -> str | None:
+def model_compile_mode(config: dict, compile_mode: str | None, device: str, stacked: bool = False) -> str | None:
     """torch.compile's mode for compiling the model itself, before `deepspeed.initialize`; None where it is not:
-    eager, or compiled by DeepCompile (`config`). Under ZeRO-3 without DeepCompile on GPUs (evaluation stages:
-    no optimiser) the model runs eager: compiled around ZeRO-3's per-module hooks, B/16 failed in Inductor with a
-    misaligned address on an H100 (docs/BENCHMARKS.md)."""
+    eager, or compiled by DeepCompile (`config`). Under ZeRO-3 without DeepCompile the model runs eager on GPUs
+    (evaluation stages: no optimiser), and with `stacked` blocks everywhere: compiled around ZeRO-3's per-module
+    hooks, B/16 failed in Inductor with a misaligned address on an H100 (docs/BENCHMARKS.md), and dynamo refuses
+    the stacked parameters' empty stand-ins."""
     if uses_deepcompile(config):
         return None
-    if config["zero_optimization"]["stage"] == 3 and device == "cuda":
+    if config["zero_optimization"]["stage"] == 3 and (device == "cuda" or stacked):
         return None
     return compile_mode
 

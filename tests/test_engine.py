@@ -82,6 +82,7 @@ def test_compiled_zero3_on_gpus_compiles_through_deepcompile_in_the_default_mode
     assert model_compile_mode(build_config(stage(), ds, 2, GPU), mode, "cuda") is None  # the engine compiles
     assert model_compile_mode(build_config(stage("eval"), ds, 2, GPU), mode, "cuda") is None  # eager under ZeRO-3
     assert model_compile_mode(build_config(stage(), ds, 2, CPU), mode, "cpu") == mode
+    assert model_compile_mode(build_config(stage(), ds, 2, CPU), mode, "cpu", stacked=True) is None
     assert model_compile_mode(build_config(stage(zero_stage=2), ds, 2, GPU), mode, "cuda") == mode
     model = MlpMixer(MixerSpec(2, 4, 16, 8, 32, 16), num_classes=3)
     with pytest.raises(ValueError, match="DeepCompile runs torch.compile's default mode"):
@@ -282,20 +283,24 @@ def test_stacked_blocks_train_resume_and_consolidate_as_per_block_ones_under_zer
     torch.multiprocessing.spawn(_stacked_worker, args=(free_port(), tmp_path), nprocs=2)
 
 
-def _zero3_worker(rank: int, port: int, checkpoints: Path) -> None:
+def _zero3_worker(rank: int, port: int, checkpoints: Path, stacked: bool) -> None:
     _join_two_gloo_ranks(rank, port)
     train = _pretrain_stage()
     spec = MixerSpec(2, 4, 16, 8, 32, 20)  # S = 25 tokens: the padded token mixing
     torch.manual_seed(0)
     start = MlpMixer(spec, num_classes=3)
+    torch.nn.init.normal_(start.head.weight, std=0.5)
     saved, losses = {}, {}
     for zero in (2, 3):
-        model = MlpMixer(spec, num_classes=3)
+        model = MlpMixer(spec, num_classes=3, stacked=stacked)
         model.load_state_dict(start.state_dict())
+        if stacked and zero == 3:
+            model.blocks.slicing = "select"  # as DeepCompile runs it on GPUs
         config = build_config(train, DeepSpeedConfig(zero_stage=zero), 2, CPU)
         # ZeRO-3 keeps parameters under 100k elements whole on every rank by default: partition all of them here
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        engine = build_engine(model, train, config, "default")  # compiled: dynamo reads the weights as they are
+        # compiled, as dynamo reads the weights (a stacked model runs eager under ZeRO-3 without DeepCompile)
+        engine = build_engine(model, train, config, "default")
         torch.manual_seed(rank)
         losses[zero] = []
         for _ in range(4):
@@ -314,9 +319,10 @@ def _zero3_worker(rank: int, port: int, checkpoints: Path) -> None:
 
 
 @pytest.mark.slow
-def test_zero3_gathers_the_padded_token_mixing_weights_and_trains_as_zero2(tmp_path):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_zero3_gathers_the_padded_token_mixing_weights_and_trains_as_zero2(tmp_path, stacked):
     """Two gloo ranks, compiled: ZeRO-3 partitions every weight, and the padded token mixing reads its `Linear`
     weights in the block's forward, outside their own modules. Eager DeepSpeed gathers such a weight when it is
     read; a compiled model read the empty partition instead, unless the block gathers them. Same losses and weights
-    as ZeRO-2."""
-    torch.multiprocessing.spawn(_zero3_worker, args=(free_port(), tmp_path), nprocs=2)
+    as ZeRO-2, and the same with stacked blocks, whose slices are taken one block at a time under ZeRO-3."""
+    torch.multiprocessing.spawn(_zero3_worker, args=(free_port(), tmp_path, stacked), nprocs=2)

@@ -238,6 +238,11 @@ class StackedBlocks(nn.Module):
             one = block[name].detach()
             owner.register_parameter(leaf, nn.Parameter(one.expand(n, *one.shape).clone()))
         self.hidden_dim, self.token_pad, self.drop_paths = spec.hidden_dim, _token_pad(spec), drop_paths
+        # How the forward pass takes each block's slice: "unbind" all at once (its backward stacks the gradients in
+        # one copy), or "select" block by block. DeepCompile (ZeRO-3) frees a gathered parameter after its last use
+        # in the graph; it follows the views `select` makes, but not the list `unbind` returns
+        # (`engine.build_engine` sets it).
+        self.slicing = "unbind"
         self.act = _gelu(gelu)
         self.register_state_dict_post_hook(_unstack_hook)
         self.register_load_state_dict_pre_hook(_stack_hook)
@@ -246,7 +251,11 @@ class StackedBlocks(nn.Module):
         return len(self.drop_paths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, C)
-        per_block = zip(*(self.get_parameter(name).unbind(0) for name in BLOCK_PARAMETERS), strict=True)
+        stacked = [self.get_parameter(name) for name in BLOCK_PARAMETERS]
+        if self.slicing == "select":
+            per_block = ([p[i] for p in stacked] for i in range(len(self)))
+        else:
+            per_block = zip(*(p.unbind(0) for p in stacked), strict=True)
         for rate, values in zip(self.drop_paths, per_block, strict=True):
             p = dict(zip(BLOCK_PARAMETERS, values, strict=True))
             block = partial(

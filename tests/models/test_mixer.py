@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -228,22 +230,26 @@ def test_stacked_blocks_hold_one_tensor_per_block_parameter_and_speak_per_block_
 
 def test_stacked_model_is_the_same_function_with_the_same_gradients():
     """Stacking changes where the weights live, not the arithmetic: logits (stochastic depth on, same seed) and
-    every gradient match the per-block model bit for bit."""
+    every gradient match the per-block model bit for bit, whether the blocks' slices are taken all at once (`unbind`)
+    or block by block (`select`, as under DeepCompile)."""
     spec = MixerSpec(num_blocks=3, patch_size=4, hidden_dim=8, tokens_mlp_dim=6, channels_mlp_dim=16, image_size=20)
     per_block, stacked = _stacked_and_per_block_pair(spec, stoch_depth=0.5)
+    selecting = copy.deepcopy(stacked)
+    selecting.blocks.slicing = "select"
     images = torch.randn(6, 3, 20, 20)
     results = []
-    for model in (per_block, stacked):
+    for model in (per_block, stacked, selecting):
         torch.manual_seed(1)
         logits = model(images)
         logits.square().sum().backward()
         grads = unstack_state({n: p.grad for n, p in model.named_parameters()})
         results.append((logits.detach(), grads))
-    (ref_logits, ref_grads), (logits, grads) = results
-    assert torch.equal(logits, ref_logits)
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in ref_grads.items():
-        assert torch.equal(grads[name], grad), name
+    (ref_logits, ref_grads), *others = results
+    for logits, grads in others:
+        assert torch.equal(logits, ref_logits)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in ref_grads.items():
+            assert torch.equal(grads[name], grad), name
     model = per_block.eval()  # and stochastic depth is off in eval for both
     assert torch.equal(model(images), stacked.eval()(images))
 
