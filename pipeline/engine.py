@@ -186,12 +186,11 @@ def build_engine(
         raise ValueError(f"DeepCompile runs torch.compile's default mode without fp8, not {compile_mode!r}, {fp8!r}")
     if config["zero_optimization"]["stage"] == 3:
         gather_with_their_block(model)
+    stacked = [m for m in model.modules() if isinstance(m, StackedBlocks)]
     if deepcompile:
-        for blocks in model.modules():
-            if isinstance(blocks, StackedBlocks):
-                blocks.slicing = "select"  # DeepCompile frees gathered weights by their last use; see StackedBlocks
-    stacked = any(isinstance(m, StackedBlocks) for m in model.modules())
-    mode = model_compile_mode(config, compile_mode, deepspeed.get_accelerator().device_name(), stacked)
+        for blocks in stacked:
+            blocks.slicing = "select"  # DeepCompile frees gathered weights by their last use; see StackedBlocks
+    mode = model_compile_mode(config, compile_mode, deepspeed.get_accelerator().device_name(), bool(stacked))
     if mode is not None:
         model.compile(mode=mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
     if stage.kind == "eval":

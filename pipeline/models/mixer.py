@@ -239,9 +239,9 @@ class StackedBlocks(nn.Module):
             owner.register_parameter(leaf, nn.Parameter(one.expand(n, *one.shape).clone()))
         self.hidden_dim, self.token_pad, self.drop_paths = spec.hidden_dim, _token_pad(spec), drop_paths
         # How the forward pass takes each block's slice: "unbind" all at once (its backward stacks the gradients in
-        # one copy), or "select" block by block. DeepCompile (ZeRO-3) frees a gathered parameter after its last use
-        # in the graph; it follows the views `select` makes, but not the list `unbind` returns
-        # (`engine.build_engine` sets it).
+        # one copy), or "select" block by block. `engine.build_engine` picks "select" under DeepCompile (ZeRO-3),
+        # which frees a gathered parameter after its last use in the graph: it follows the views `select` makes to
+        # their uses, but not the list `unbind` returns.
         self.slicing = "unbind"
         self.act = _gelu(gelu)
         self.register_state_dict_post_hook(_unstack_hook)
