@@ -40,7 +40,8 @@ class ModelConfig:
     gelu: str = "exact"  # "exact" (torch/timm) or "tanh" (Flax's default approximation)
     # Each block parameter as one tensor over all N blocks (12 tensors, not 12 N): the same model and weight files,
     # far less per-tensor work in DeepSpeed's ZeRO (docs/BENCHMARKS.md). Not with deepspeed.fp8, which swaps
-    # per-block Linear modules, nor ZeRO-3; a checkpoint resumes only under the layout that wrote it.
+    # per-block Linear modules; under ZeRO-3 each stacked tensor is gathered for all blocks at once. A checkpoint
+    # resumes only under the layout that wrote it.
     stacked: bool = False
     # Activation memory for large micro-batches (L, H): what each block keeps for the backward pass. "none";
     # "matmuls": the matrix products' outputs, LayerNorms and GELUs recomputed; "blocks": the block's input only,
