@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402  (after the logger is quietened: it logs on import)
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
-from deepspeed.runtime.zero import stage_1_and_2  # noqa: E402
+from deepspeed.runtime.zero import stage3, stage_1_and_2  # noqa: E402
 from deepspeed.utils import logging as ds_logging  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
@@ -254,38 +254,53 @@ def _invalid_unless_skipped_on_device(norm: Any) -> bool:
     return False if getattr(norm, "_skipped_on_device", False) else _is_invalid_grad_norm(norm)
 
 
+_combine_grad_norm_groups = stage3.combine_grad_norm_groups
+
+
+def _combine_and_hand_over(norm_groups: list, norm_type: int = 2) -> torch.Tensor:
+    """ZeRO-3's `combine_grad_norm_groups`, then `skip_steps_on_device`'s hand-over where it applies."""
+    norm = _combine_grad_norm_groups(norm_groups, norm_type)
+    hand_over = getattr(norm_groups[0], "_hand_over", None) if norm_groups else None
+    return norm if hand_over is None else hand_over(norm)
+
+
 stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_non_finite
 stage_1_and_2.is_invalid_grad_norm = _invalid_unless_skipped_on_device
+stage3.is_invalid_grad_norm = _invalid_unless_skipped_on_device
+stage3.combine_grad_norm_groups = _combine_and_hand_over
 
 
 def skip_steps_on_device(engine: Engine) -> bool:
-    """Let ZeRO-1/2 skip a step whose gradient norm is inf or nan without the host waiting for the norm.
+    """Let ZeRO skip a step whose gradient norm is inf or nan without the host waiting for the norm.
 
-    DeepSpeed reads the norm back as a Python bool before every optimiser step (to skip the step, and again to
-    clip), so the host cannot queue the step and the next forward pass while the GPU is still in the backward
-    pass. Here the verdict stays on the device instead: torch's fused AdamW takes it as `found_inf` and leaves the
-    weights, its moments and its step count unchanged, as DeepSpeed's skip does, and the clip uses the infinite
-    norm DeepSpeed would have. Unlike DeepSpeed's skip, the learning-rate schedule still advances. Skipped steps
-    are counted on the device (`skipped_steps`); a save adds them to DeepSpeed's count, which checkpoints keep.
-    Returns whether it applies: ZeRO-1/2 with torch's fused AdamW, the gradient norm computed, no CPU offload and
-    no fp16 loss scaler; otherwise DeepSpeed's own logic runs."""
+    DeepSpeed reads the norm back as a Python bool before every optimiser step (to skip the step, and ZeRO-1/2
+    again to clip), so the host cannot queue the step and the next forward pass while the GPU is still in the
+    backward pass. Here the verdict stays on the device instead: torch's fused AdamW takes it as `found_inf` and
+    leaves the weights, its moments and its step count unchanged, as DeepSpeed's skip does, and the clip uses the
+    infinite norm DeepSpeed would have. Unlike DeepSpeed's skip, the learning-rate schedule still advances. Skipped
+    steps are counted on the device (`skipped_steps`); a save adds them to DeepSpeed's count, which checkpoints
+    keep. Returns whether it applies: ZeRO-1/2 or ZeRO-3 with torch's fused AdamW, no CPU offload, no fp16 loss
+    scaler (and for ZeRO-1/2 the gradient norm computed; for ZeRO-3 no Muon and no model parallelism); otherwise
+    DeepSpeed's own logic runs."""
     zero = engine.optimizer
     inner = getattr(zero, "optimizer", None)
+    if isinstance(zero, stage_1_and_2.DeepSpeedZeroOptimizer):
+        applies = zero.compute_grad_norm and not zero.cpu_offload
+    elif isinstance(zero, stage3.DeepSpeedZeroOptimizer_Stage3):
+        applies = not (zero.offload_optimizer or zero.use_muon) and zero.model_parallel_group is None
+    else:
+        return False
     if not (
-        isinstance(zero, stage_1_and_2.DeepSpeedZeroOptimizer)
+        applies
         and getattr(inner, "_step_supports_amp_scaling", False)  # fused: takes found_inf
-        and zero.compute_grad_norm
-        and not zero.cpu_offload
         and zero.torch_autocast_gradscaler is None
         and not zero.custom_loss_scaler
         and zero.loss_scale == 1.0
     ):
         return False
     counted = torch.zeros((), device=engine.device)
-    global_norm = zero.scaled_global_norm
 
-    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
-        norm = global_norm(norm_type)
+    def hand_over(norm: torch.Tensor) -> torch.Tensor:
         invalid = ~torch.isfinite(norm) | (norm < 0)
         inner.found_inf = invalid.float()
         counted.add_(inner.found_inf)
@@ -293,9 +308,43 @@ def skip_steps_on_device(engine: Engine) -> bool:
         norm._skipped_on_device = True
         return norm
 
-    zero.scaled_global_norm = scaled_global_norm
+    if isinstance(zero, stage3.DeepSpeedZeroOptimizer_Stage3):
+        zero.get_grad_norm_direct = _stage3_group_norm(zero)
+        norm_groups = zero._get_norm_groups
+
+        def handed_over_norm_groups() -> list[torch.Tensor]:
+            norms = norm_groups()
+            if norms:
+                norms[0]._hand_over = hand_over  # picked up where stage 3 combines the groups' norms
+            return norms
+
+        zero._get_norm_groups = handed_over_norm_groups
+    else:
+        global_norm = zero.scaled_global_norm
+        zero.scaled_global_norm = lambda norm_type=2: hand_over(global_norm(norm_type))
     engine.skipped_on_device = counted
     return True
+
+
+def _stage3_group_norm(zero: Any) -> Any:
+    """ZeRO-3's `get_grad_norm_direct` for one parameter group, without its host wait: DeepSpeed builds the -1 it
+    writes over an invalid norm as a tensor on the device, a blocking host-to-device copy per group. The same sums
+    in the same order, then a fill with a plain number. Only the 2-norm without model or expert parallelism (what
+    `skip_steps_on_device` admits); anything else goes to DeepSpeed's own."""
+    direct = zero.get_grad_norm_direct
+
+    def group_norm(gradients: list, params: list, norm_type: float = 2) -> torch.Tensor:
+        if float(norm_type) != 2.0 or not gradients or zero._autoep_expert_parallel_group(params) is not None:
+            return direct(gradients, params, norm_type)
+        zero._assert_same_partition_group(params)
+        device, dtype = stage3.get_accelerator().device_name(), stage3.get_norm_dtype()
+        norms = [g.to(device, non_blocking=True).to(dtype).norm(2.0) for g in gradients]
+        total = torch.sum(torch.pow(torch.stack(norms), 2.0))
+        stage3.dist.all_reduce(total, op=stage3.dist.ReduceOp.SUM, group=zero._get_param_partition_group(params[0]))
+        total = total ** (1.0 / 2.0)
+        return total.masked_fill(~torch.isfinite(total), -1.0)
+
+    return group_norm
 
 
 def skipped_steps(engine: Engine) -> int:
