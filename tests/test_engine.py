@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from deepspeed.runtime import utils as ds_utils
 
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
-from pipeline.dist import destroy, free_port, init_process_group, read_env
+from pipeline.dist import free_port, init_process_group, read_env
 from pipeline.engine import (
     BackgroundCheckpointEngine,
     _mask_non_finite,
@@ -230,10 +230,10 @@ def _skip_worker(rank: int, port: int, checkpoints: Path, zero_stage: int) -> No
     resumed = build_engine(MlpMixer(spec, num_classes=3), train, config)
     load_checkpoint(resumed, checkpoints, "t")
     assert skipped_steps(resumed) == 1 and torch.equal(flat(resumed), flat(engines[0]))
-    # gloo releases an all-gather's tensors on its own thread once the gather is done; at interpreter exit that
-    # thread can no longer take the GIL and aborts the process. Let the last gathers finish before returning.
-    torch.distributed.barrier()
-    destroy()
+    # Everything is checked: leave without interpreter shutdown. ZeRO-3 leaves an all-gather on gloo's worker
+    # thread, which releases its tensors when done; once the interpreter is finalising, that thread can no longer
+    # take the GIL and aborts the process ("terminate called without an active exception", about one run in four).
+    os._exit(0)
 
 
 @pytest.mark.slow
