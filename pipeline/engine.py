@@ -260,7 +260,7 @@ _combine_grad_norm_groups = stage3.combine_grad_norm_groups
 def _combine_and_hand_over(norm_groups: list, norm_type: int = 2) -> torch.Tensor:
     """ZeRO-3's `combine_grad_norm_groups`, then `skip_steps_on_device`'s hand-over where it applies."""
     norm = _combine_grad_norm_groups(norm_groups, norm_type)
-    hand_over = getattr(norm_groups[0], "_hand_over", None) if norm_groups else None
+    hand_over = next((n._hand_over for n in norm_groups if hasattr(n, "_hand_over")), None)
     return norm if hand_over is None else hand_over(norm)
 
 
@@ -284,9 +284,10 @@ def skip_steps_on_device(engine: Engine) -> bool:
     DeepSpeed's own logic runs."""
     zero = engine.optimizer
     inner = getattr(zero, "optimizer", None)
+    is_stage3 = isinstance(zero, stage3.DeepSpeedZeroOptimizer_Stage3)
     if isinstance(zero, stage_1_and_2.DeepSpeedZeroOptimizer):
         applies = zero.compute_grad_norm and not zero.cpu_offload
-    elif isinstance(zero, stage3.DeepSpeedZeroOptimizer_Stage3):
+    elif is_stage3:
         applies = not (zero.offload_optimizer or zero.use_muon) and zero.model_parallel_group is None
     else:
         return False
@@ -308,17 +309,8 @@ def skip_steps_on_device(engine: Engine) -> bool:
         norm._skipped_on_device = True
         return norm
 
-    if isinstance(zero, stage3.DeepSpeedZeroOptimizer_Stage3):
-        zero.get_grad_norm_direct = _stage3_group_norm(zero)
-        norm_groups = zero._get_norm_groups
-
-        def handed_over_norm_groups() -> list[torch.Tensor]:
-            norms = norm_groups()
-            if norms:
-                norms[0]._hand_over = hand_over  # picked up where stage 3 combines the groups' norms
-            return norms
-
-        zero._get_norm_groups = handed_over_norm_groups
+    if is_stage3:
+        zero.get_grad_norm_direct = _stage3_group_norm(zero, hand_over)
     else:
         global_norm = zero.scaled_global_norm
         zero.scaled_global_norm = lambda norm_type=2: hand_over(global_norm(norm_type))
@@ -326,11 +318,12 @@ def skip_steps_on_device(engine: Engine) -> bool:
     return True
 
 
-def _stage3_group_norm(zero: Any) -> Any:
+def _stage3_group_norm(zero: Any, hand_over: Any) -> Any:
     """ZeRO-3's `get_grad_norm_direct` for one parameter group, without its host wait: DeepSpeed builds the -1 it
     writes over an invalid norm as a tensor on the device, a blocking host-to-device copy per group. The same sums
     in the same order, then a fill with a plain number. Only the 2-norm without model or expert parallelism (what
-    `skip_steps_on_device` admits); anything else goes to DeepSpeed's own."""
+    `skip_steps_on_device` admits); anything else goes to DeepSpeed's own. The norm carries `hand_over`, which
+    `_combine_and_hand_over` applies to the groups' combined norm."""
     direct = zero.get_grad_norm_direct
 
     def group_norm(gradients: list, params: list, norm_type: float = 2) -> torch.Tensor:
@@ -342,7 +335,9 @@ def _stage3_group_norm(zero: Any) -> Any:
         total = torch.sum(torch.pow(torch.stack(norms), 2.0))
         stage3.dist.all_reduce(total, op=stage3.dist.ReduceOp.SUM, group=zero._get_param_partition_group(params[0]))
         total = total ** (1.0 / 2.0)
-        return total.masked_fill(~torch.isfinite(total), -1.0)
+        norm = total.masked_fill(~torch.isfinite(total), -1.0)
+        norm._hand_over = hand_over
+        return norm
 
     return group_norm
 
