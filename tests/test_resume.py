@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from pipeline import checkpoint
 from pipeline.engine import consolidated_state_dict
 from tests.conftest import REPO, run_mixer
 
@@ -43,24 +44,25 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     stage = tmp_path / "killed" / "stages" / "pretrain"
-    latest = stage / "checkpoints" / "latest"
+    checkpoints = stage / "checkpoints"
     deadline = time.time() + 300
     # Killed at the first complete checkpoint (step 4 or soon after): on a fast machine `latest` can move on
     # between two looks, so waiting for one particular step races the end of the stage.
-    while not latest.exists():
+    while checkpoint.latest_tag(checkpoints) is None:
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     # No warning, no save: every process of the run (launcher, torchrun, ranks, loader workers) dies at once.
     subprocess.run(["pkill", "-KILL", "-f", f"{tmp_path}/killed"], check=False)
     proc.wait(timeout=60)
     assert not (stage / "result.json").exists()
-    resume_step = int(latest.read_text().strip().removeprefix("step-"))
-    assert 4 <= resume_step < 24
+    tag = checkpoint.latest_tag(checkpoints)
+    resume_step = next((step for step in range(4, 24, 4) if checkpoint.tag_for(step) == tag), None)
+    assert resume_step is not None, tag  # a checkpoint of this run (every 4 steps), not its end
 
     resumed = run_mixer(*_args(tmp_path, "killed"), env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = MlflowClient(uri).get_run((stage / "run_id").read_text().strip())
-    assert run.data.tags["resumed_from"].endswith(f"step-{resume_step:08d}")
+    assert run.data.tags["resumed_from"].endswith(tag)
 
     a = load_file(tmp_path / "straight" / "stages" / "pretrain" / "model.safetensors")
     b = load_file(stage / "model.safetensors")
