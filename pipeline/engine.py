@@ -206,9 +206,23 @@ def build_engine(
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config
         )
     if deepcompile:
+        keep_persistent_reductions()
         engine.compile()  # DeepCompile's backend: Inductor, with ZeRO's gathers, releases and reductions in the graph
     skip_steps_on_device(engine)
     return engine
+
+
+def keep_persistent_reductions() -> dict:
+    """Let Inductor keep its persistent reductions (one block per LayerNorm row) in DeepCompile's graphs; returns
+    the Inductor settings DeepCompile will still change. DeepCompile turns off both mix-order reductions and
+    persistent reductions, against an oversized mix-order kernel that Triton rejected in one ZeRO-3 backward graph.
+    Turning mix-order reductions off is what avoids that kernel (it forces persistence itself); persistence off as
+    well cost Mixer-B/16 a further 3% on one H100 (docs/BENCHMARKS.md)."""
+    from deepspeed.compile import inductor
+
+    patch = inductor._DEEP_COMPILE_Z3_INDUCTOR_REDUCTION_CONFIG
+    patch.pop("triton.persistent_reductions", None)
+    return patch
 
 
 def uses_deepcompile(config: dict) -> bool:

@@ -16,6 +16,7 @@ from pipeline.engine import (
     build_config,
     build_engine,
     consolidated_state_dict,
+    keep_persistent_reductions,
     load_checkpoint,
     matmul_dtype,
     model_compile_mode,
@@ -87,6 +88,11 @@ def test_compiled_zero3_on_gpus_compiles_through_deepcompile_in_the_default_mode
     model = MlpMixer(MixerSpec(2, 4, 16, 8, 32, 16), num_classes=3)
     with pytest.raises(ValueError, match="DeepCompile runs torch.compile's default mode"):
         build_engine(model, stage(), build_config(stage(), ds, 1, GPU), "max-autotune-no-cudagraphs")
+
+
+def test_deepcompile_keeps_persistent_reductions_but_not_mix_order_ones():
+    # DeepSpeed's own module-level settings, read when DeepCompile compiles: fails if DeepSpeed renames them
+    assert keep_persistent_reductions() == {"triton.mix_order_reduction": False}
 
 
 def test_eval_stage_has_no_optimizer():
