@@ -91,7 +91,8 @@ def test_compiled_zero3_on_gpus_compiles_through_deepcompile_in_the_default_mode
 
 
 def test_deepcompile_keeps_persistent_reductions_but_not_mix_order_ones():
-    # DeepSpeed's own module-level settings, read when DeepCompile compiles: fails if DeepSpeed renames them
+    # DeepSpeed's own module-level settings, read when DeepCompile compiles: fails if the installed DeepSpeed has
+    # renamed them (the engine then leaves DeepCompile's settings as they are)
     assert keep_persistent_reductions() == {"triton.mix_order_reduction": False}
 
 
