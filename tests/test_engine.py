@@ -16,6 +16,7 @@ from pipeline.engine import (
     build_config,
     build_engine,
     consolidated_state_dict,
+    drop_persistent_gather,
     keep_persistent_reductions,
     load_checkpoint,
     matmul_dtype,
@@ -237,6 +238,15 @@ def _skip_worker(rank: int, port: int, checkpoints: Path, zero_stage: int) -> No
     resumed = build_engine(MlpMixer(spec, num_classes=3), train, config)
     load_checkpoint(resumed, checkpoints, "t")
     assert skipped_steps(resumed) == 1 and torch.equal(flat(resumed), flat(engines[0]))
+    if zero_stage == 3:  # what DeepCompile's engine drops: the post-step gather of the persistent parameters
+        persistent = resumed.optimizer.persistent_parameters
+        count = len(persistent)
+        assert count and not drop_persistent_gather(resumed) and len(persistent) == count  # eager ZeRO-3 needs it
+        for p in resumed.module.parameters():
+            p.ds_persist = False  # as DeepCompile leaves every parameter: gathered in its graph at each use
+        assert drop_persistent_gather(resumed) and not resumed.optimizer.persistent_parameters
+    else:
+        assert not drop_persistent_gather(resumed)  # ZeRO-1/2 keep every parameter whole: nothing to gather
     # Everything is checked: leave without interpreter shutdown. ZeRO-3 leaves an all-gather on gloo's worker
     # thread, which releases its tensors when done; once the interpreter is finalising, that thread can no longer
     # take the GIL and aborts the process ("terminate called without an active exception", about one run in four).
