@@ -232,7 +232,9 @@ def drop_persistent_gather(engine: Engine) -> bool:
     `stage3_param_persistence_threshold` elements whole on every rank, and gathers them again after each step.
     DeepCompile turns that persistence off and gathers every parameter inside its graph, but the optimiser's
     post-step gather stays: a collective whose result is never read, and a point where the host waits. Without it,
-    Mixer-B/16 under ZeRO-3 + DeepCompile ran 2.3% faster on one H100, to the same loss (docs/BENCHMARKS.md)."""
+    Mixer-B/16 under ZeRO-3 + DeepCompile ran 2.3% faster on one H100, to the same loss (docs/BENCHMARKS.md). ZeRO-3's
+    step partitions every parameter first, so these then stay partitioned like the rest, and whatever gathers them
+    later (`GatheredParameters`, a checkpoint) reads the updated values."""
     persistent = getattr(engine.optimizer, "persistent_parameters", None)  # ZeRO-3's optimiser only
     if not persistent or any(p.ds_persist for p in persistent):
         return False
