@@ -238,7 +238,7 @@ def drop_persistent_gather(engine: Engine) -> bool:
     persistent = getattr(engine.optimizer, "persistent_parameters", None)  # ZeRO-3's optimiser only
     if not persistent or any(p.ds_persist for p in persistent):
         return False
-    persistent.clear()  # the same list as the parameter coordinator's, which DeepCompile's graph has replaced
+    persistent.clear()  # in place: ZeRO-3's parameter offload holds the same list
     return True
 
 
