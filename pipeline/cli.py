@@ -123,7 +123,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Every stage as a cluster job, each starting when the one before it finished; or the job files only."""
     from pipeline.submit import SubmitError, submit
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, gpus="cluster")  # ranks sized to the cluster's nodes
     try:
         jobs = submit(cfg, args.to)
     except SubmitError as err:

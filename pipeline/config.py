@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -189,7 +189,11 @@ class StageConfig:
 class LaunchConfig:
     """How each stage's processes start: torchrun with this many processes per node."""
 
-    nproc_per_node: int = 1  # ranks per node (one per GPU; on CPU, processes)
+    # Ranks per node. "auto": one per visible CUDA device on a machine with GPUs (launch.device not "cpu"), else
+    # CPU_RANKS; for `mixer submit`, cluster.gpus_per_node (CPU_RANKS when it is 0). Resolved once when the config
+    # is loaded (`resolve_ranks`), so the config every rank reads holds the number. More ranks than the node's GPUs,
+    # or a number that disagrees with cluster.gpus_per_node, is refused.
+    nproc_per_node: int | Literal["auto"] = "auto"
     nnodes: int = 1  # nodes; more than one needs rdzv_endpoint
     rdzv_endpoint: str | None = None  # host:port of the rendezvous (first node) when nnodes > 1
     device: str = "auto"  # "auto" (CUDA if present), "cuda" or "cpu"
@@ -217,6 +221,7 @@ class DeepSpeedConfig:
     fp8: str = "none"
 
 
+CPU_RANKS = 2  # launch.nproc_per_node "auto" without GPUs: two gloo ranks, so ZeRO really shards
 FP8_RECIPES = ("none", "tensorwise", "rowwise")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -326,8 +331,13 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read YAML, apply `key.sub=value` overrides, build the typed config and validate it."""
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), gpus: int | Literal["cluster"] | None = None
+) -> ExperimentConfig:
+    """Read YAML, apply `key.sub=value` overrides, build the typed config, size its ranks and validate it.
+
+    `gpus` is what the stages will run on, per node: None for this machine's visible CUDA devices, "cluster" for
+    `cluster.gpus_per_node` (`mixer submit`), or a count."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -338,8 +348,45 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         apply_override(raw, item, path)
     cfg = _build(ExperimentConfig, raw, "", path)
+    resolve_ranks(cfg, gpus, path)
     validate(cfg, path)
     return cfg
+
+
+def resolve_ranks(cfg: ExperimentConfig, gpus: int | Literal["cluster"] | None, source: Path) -> None:
+    """Set `launch.nproc_per_node` from "auto", or refuse a number the node cannot run (see LaunchConfig)."""
+    launch, cluster = cfg.launch, cfg.cluster
+    asked = launch.nproc_per_node
+    if asked != "auto":
+        if asked < 1:
+            raise ConfigError(f"{source}: 'launch.nproc_per_node' must be >= 1 or auto")
+        for stage in [None, *cfg.stages]:
+            job_gpus = cluster.job(stage.name).gpus_per_node if stage else cluster.gpus_per_node
+            where = f"cluster.stages.{stage.name}.gpus_per_node" if stage else "cluster.gpus_per_node"
+            if job_gpus and job_gpus != asked:
+                raise ConfigError(
+                    f"{source}: 'launch.nproc_per_node' is {asked} but '{where}' is {job_gpus}: one rank per GPU, so "
+                    f"set launch.nproc_per_node={job_gpus} (or auto)"
+                )
+    if gpus == "cluster":
+        count, machine = cluster.gpus_per_node, "each cluster node (cluster.gpus_per_node)"
+    elif launch.device == "cpu":
+        count, machine = 0, "this machine"
+    elif gpus is None:
+        from pipeline import dist  # the CUDA driver's count; only when loading for this machine
+
+        count, machine = dist.visible_gpus(launch.device), "this machine"
+    else:
+        count, machine = gpus, "this machine"
+    if launch.device == "cuda" and not count:
+        raise ConfigError(f"{source}: 'launch.device' is cuda but {machine} has no visible CUDA device")
+    if asked == "auto":
+        launch.nproc_per_node = count or CPU_RANKS
+    elif count and asked > count:
+        raise ConfigError(
+            f"{source}: 'launch.nproc_per_node' is {asked} but {machine} has {count} GPU{'s' if count > 1 else ''}: "
+            f"set launch.nproc_per_node={count} (or auto, one rank per GPU), or launch.device=cpu for CPU ranks"
+        )
 
 
 def apply_override(raw: dict, item: str, source: Path | str = "<overrides>") -> None:
@@ -402,8 +449,20 @@ def _convert(tp: Any, value: Any, where: str, source: Path) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where, source)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(options[0], value, where, source)
+        for inner in options:  # int | Literal["auto"]: the first that takes the value
+            try:
+                return _convert(inner, value, where, source)
+            except ConfigError:
+                continue
+        expected = " or ".join(_describe(a) for a in options)
+        raise ConfigError(f"{source}: {where!r} must be {expected}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {where!r} is {value!r}; expected one of {list(args)}")
+        return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, source)
     if origin is list:
@@ -428,6 +487,12 @@ def _convert(tp: Any, value: Any, where: str, source: Path) -> Any:
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise _type_error(where, tp.__name__, value, source)
     return value
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
 
 
 def _type_error(where: str, expected: str, value: Any, source: Path) -> ConfigError:
@@ -472,8 +537,8 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
     if cfg.model.stacked and cfg.deepspeed.fp8 != "none":
         raise ConfigError(f"{source}: 'model.stacked' cannot be combined with deepspeed.fp8 (per-block Linear modules)")
     _choice(cfg.launch.device, ("auto", "cuda", "cpu"), "launch.device", source)
-    if cfg.launch.nproc_per_node < 1 or cfg.launch.nnodes < 1:
-        raise ConfigError(f"{source}: launch.nproc_per_node and launch.nnodes must be >= 1")
+    if cfg.launch.nnodes < 1:
+        raise ConfigError(f"{source}: 'launch.nnodes' must be >= 1")
     if cfg.launch.nnodes > 1 and not cfg.launch.rdzv_endpoint:
         raise ConfigError(f"{source}: 'launch.rdzv_endpoint' is required when launch.nnodes > 1")
     for name, ds in cfg.datasets.items():

@@ -41,6 +41,12 @@ def prepare_cuda_env() -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", CUDA_QUEUES)
 
 
+def visible_gpus(device: str = "auto") -> int:
+    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applied); 0 when `device` is "cpu" or none is
+    there. Asks the driver without making a CUDA context, so a parent process stays free of one."""
+    return 0 if device == "cpu" else torch.cuda.device_count()
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if name in os.environ:

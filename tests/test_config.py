@@ -142,3 +142,48 @@ def test_cli_refuses_a_misspelt_key_before_starting_anything(tmp_path):
     assert result.returncode == 2
     assert "stages[pretrain].micro_bach" in result.stderr and "micro_batch" in result.stderr
     assert not out.exists()  # nothing was prepared, no process was launched
+
+
+# --------------------------------------------------------------------------- ranks per node
+
+
+@pytest.mark.parametrize(("gpus", "ranks"), [(0, 2), (1, 1), (8, 8)])
+def test_auto_ranks_are_one_per_gpu_and_two_without_one(gpus, ranks):
+    """The demo's `launch.nproc_per_node: auto` on a CPU machine, a 1-GPU and an 8-GPU machine."""
+    cfg = load_config(DEMO, gpus=gpus)
+    assert cfg.launch.nproc_per_node == ranks
+    assert load_config(DEMO, ["launch.device=cpu"], gpus=gpus).launch.nproc_per_node == 2  # CPU ranks asked for
+
+
+def test_auto_ranks_on_this_machine_follow_its_cuda_devices(tmp_path):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    assert load_config(DEMO).launch.nproc_per_node == (gpus or 2)
+    out = tmp_path / "out"
+    assert run_mixer("run", str(DEMO), "--dry-run", f"output_dir={out}").returncode == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["launch"]["nproc_per_node"] == (gpus or 2)
+
+
+def test_more_ranks_than_gpus_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["launch.nproc_per_node=2"], gpus=1)
+    message = str(err.value)
+    assert "'launch.nproc_per_node' is 2" in message and "1 GPU" in message
+    assert "launch.nproc_per_node=1" in message and str(DEMO) in message
+    assert load_config(DEMO, ["launch.nproc_per_node=4"], gpus=8).launch.nproc_per_node == 4  # fewer is allowed
+    with pytest.raises(ConfigError, match="'launch.device' is cuda but this machine has no visible CUDA device"):
+        load_config(DEMO, ["launch.device=cuda"], gpus=0)
+    with pytest.raises(ConfigError, match="'launch.nproc_per_node' must be int or 'auto', got 'all'"):
+        load_config(DEMO, ["launch.nproc_per_node=all"], gpus=0)
+
+
+def test_cluster_gpus_and_ranks_per_node_agree_or_are_refused():
+    assert load_config(DEMO, ["cluster.gpus_per_node=8"], gpus="cluster").launch.nproc_per_node == 8
+    assert load_config(DEMO, gpus="cluster").launch.nproc_per_node == 2  # a CPU-only cluster
+    with pytest.raises(ConfigError, match="'launch.nproc_per_node' is 4 but 'cluster.gpus_per_node' is 8"):
+        load_config(DEMO, ["launch.nproc_per_node=4", "cluster.gpus_per_node=8"], gpus="cluster")
+    bad_stage = ["launch.nproc_per_node=8", "cluster.gpus_per_node=8", "cluster.stages={eval: {gpus_per_node: 4}}"]
+    with pytest.raises(ConfigError, match="'cluster.stages.eval.gpus_per_node' is 4"):
+        load_config(DEMO, bad_stage, gpus="cluster")
+

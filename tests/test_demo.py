@@ -12,9 +12,11 @@ pytestmark = pytest.mark.slow
 
 def test_demo_end_to_end(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # CPU ranks on any machine: two ZeRO ranks over gloo (tests/gpu/test_demo.py runs it on the GPUs).
     result = run_mixer(
-        "run", str(REPO / "configs" / "demo.yaml"), f"output_dir={tmp_path}/out", env={"MLFLOW_TRACKING_URI": uri}
-    )
+        "run", str(REPO / "configs" / "demo.yaml"), f"output_dir={tmp_path}/out", "launch.device=cpu",
+        env={"MLFLOW_TRACKING_URI": uri},
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     stages = tmp_path / "out" / "stages"

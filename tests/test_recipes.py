@@ -51,7 +51,7 @@ def test_fine_tune_at_448_grows_the_token_mixing(tmp_path):
 
 @pytest.mark.parametrize(("nnodes", "accumulation"), [(8, 2), (4, 4), (2, 8), (1, 16)])
 def test_global_batch_is_kept_when_the_world_size_changes(nnodes, accumulation):
-    cfg = load_config(REPO / "configs" / "paper" / "mixer_l16_i21k_ft448.yaml", [f"launch.nnodes={nnodes}"])
+    cfg = load_config(REPO / "configs" / "paper" / "mixer_l16_i21k_ft448.yaml", [f"launch.nnodes={nnodes}"], gpus=8)
     stage = cfg.stage("pretrain")
     world = 8 * nnodes
     assert stage.accumulation(world) == accumulation
@@ -60,6 +60,6 @@ def test_global_batch_is_kept_when_the_world_size_changes(nnodes, accumulation):
 
 def test_global_batch_that_cannot_be_split_is_refused():
     with pytest.raises(ConfigError, match="global_batch 4096 is not a multiple of micro_batch 32 x 24 ranks"):
-        load_config(REPO / "configs" / "paper" / "mixer_l16_i21k_ft448.yaml", ["launch.nnodes=3"])
+        load_config(REPO / "configs" / "paper" / "mixer_l16_i21k_ft448.yaml", ["launch.nnodes=3"], gpus=8)
     with pytest.raises(ConfigError, match="set grad_accum or global_batch, not both"):
         load_config(REPO / "configs" / "paper" / "mixer_b16_i1k.yaml", ["stages.pretrain.grad_accum=2"])

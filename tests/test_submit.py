@@ -114,8 +114,8 @@ def _submit(tmp_path: Path, env: dict, *extra: str) -> list[str]:
 def test_rendered_job_files_are_valid_shell(tmp_path, slurm):
     result = run_mixer(
         "submit", str(TINY), "--to", "print", f"output_dir={tmp_path}/out", f"datasets.shapes.path={tmp_path}/shapes",
-        f"datasets.novel.path={tmp_path}/novel", "cluster.gpus_per_node=8", "cluster.partition=gpu",
-        "cluster.stages.pretrain.nodes=4", "cluster.env.NCCL_SOCKET_IFNAME=lo",
+        f"datasets.novel.path={tmp_path}/novel", "cluster.gpus_per_node=8", "launch.nproc_per_node=auto",
+        "cluster.partition=gpu", "cluster.stages.pretrain.nodes=4", "cluster.env.NCCL_SOCKET_IFNAME=lo",
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -127,7 +127,7 @@ def test_rendered_job_files_are_valid_shell(tmp_path, slurm):
         assert check.returncode == 0, check.stdout
     pretrain = (tmp_path / "out" / "jobs" / "pretrain.sbatch").read_text()
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "--requeue",
-                 "export NCCL_SOCKET_IFNAME=lo", "--nproc-per-node 2"):  # fmt: skip
+                 "export NCCL_SOCKET_IFNAME=lo", "--nproc-per-node 8"):  # fmt: skip
         assert line in pretrain
     assert "#SBATCH --nodes=1" in (tmp_path / "out" / "jobs" / "eval.sbatch").read_text()
     assert "--last" in (tmp_path / "out" / "jobs" / "eval.sbatch").read_text() and "--last" not in pretrain
