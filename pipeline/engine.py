@@ -7,6 +7,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -207,10 +208,26 @@ def build_engine(
         )
     if deepcompile:
         keep_persistent_reductions()
+        plain_arch_list()
         engine.compile()  # DeepCompile's backend: Inductor, with ZeRO's gathers, releases and reductions in the graph
         drop_persistent_gather(engine)
     skip_steps_on_device(engine)
     return engine
+
+
+def plain_arch_list() -> str | None:
+    """DeepCompile builds DeepSpeed's `dc` op on first use, and DeepSpeed 0.19.8's op builder reads each
+    TORCH_CUDA_ARCH_LIST entry as numbers: an architecture-specific one that PyTorch itself accepts, such as
+    Hopper's "9.0a" (CUDA images for H100s set it), stops it with "invalid literal for int() with base 10: '0a'"
+    before anything is compiled. The op uses no architecture-specific instruction, so the plain architecture serves:
+    "9.0a" -> "9.0" for this process. Returns the value now in effect."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value:
+        plain = re.sub(r"(\d+\.\d+)[af]\b", r"\1", value)
+        if plain != value:
+            logging.getLogger(__name__).info("TORCH_CUDA_ARCH_LIST %r -> %r for DeepSpeed's op builder", value, plain)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = value = plain
+    return value
 
 
 def keep_persistent_reductions() -> dict:

@@ -22,6 +22,7 @@ from pipeline.engine import (
     matmul_dtype,
     model_compile_mode,
     param_groups,
+    plain_arch_list,
     save_checkpoint,
     skipped_steps,
     to_float8,
@@ -95,6 +96,22 @@ def test_deepcompile_keeps_persistent_reductions_but_not_mix_order_ones():
     # DeepSpeed's own module-level settings, read when DeepCompile compiles: fails if the installed DeepSpeed has
     # renamed them (the engine then leaves DeepCompile's settings as they are)
     assert keep_persistent_reductions() == {"triton.mix_order_reduction": False}
+
+
+def test_deepcompiles_op_builder_takes_an_architecture_specific_arch_list(monkeypatch):
+    """A CUDA image's TORCH_CUDA_ARCH_LIST="9.0a" stopped DeepCompile's op build on an H200 machine; DeepSpeed's
+    own builder reads the list here as it does there (it fails on the CPU the same way, before looking for GPUs)."""
+    from deepspeed.ops.op_builder.dc import DeepCompileBuilder
+
+    builder = DeepCompileBuilder()
+    builder.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0f+PTX")
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        builder.compute_capability_args()
+    assert plain_arch_list() == "8.0;9.0 10.0+PTX" == os.environ["TORCH_CUDA_ARCH_LIST"]
+    builder.compute_capability_args()  # no error now
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert plain_arch_list() == "9.0"
 
 
 def test_eval_stage_has_no_optimizer():
