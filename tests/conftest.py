@@ -29,12 +29,47 @@ def run_mixer(*args: str, env: dict | None = None, timeout: int = 900) -> subpro
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with the most slow tests first (each module's tests keep their order). scripts/test.sh spreads the
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+NO_GPU = "no CUDA device on this machine; `bash scripts/test-gpu.sh` runs them on one"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` (tests/gpu) are deselected where no CUDA device is visible, and counted in the summary
+    (`pytest_terminal_summary`), so that none is skipped silently.
+
+    Then modules with the most slow tests first (each module's tests keep their order). scripts/test.sh spreads the
     modules over two workers in this order, so the long runs start early and the quick modules fill in beside them,
     rather than a long one running last while the other worker idles."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not cuda_available():
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.stash[_DESELECTED_GPU] = len(gpu)
+        if hasattr(config, "workeroutput"):  # a pytest-xdist worker: tell the controller, which prints the summary
+            config.workeroutput["deselected_gpu"] = len(gpu)
     slow = collections.Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+
+
+_DESELECTED_GPU = pytest.StashKey[int]()
+
+
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist's controller: each worker collected (and deselected) the whole session's tests."""
+    count = getattr(node, "workeroutput", {}).get("deselected_gpu", 0)
+    node.config.stash[_DESELECTED_GPU] = max(count, node.config.stash.get(_DESELECTED_GPU, 0))
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """How many GPU tests this run left out, and why."""
+    count = config.stash.get(_DESELECTED_GPU, 0)
+    if count:
+        terminalreporter.write_line(f"deselected {count} GPU tests (marked gpu): {NO_GPU}", yellow=True)
 
 
 def apt_install(*packages: str) -> None:

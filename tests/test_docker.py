@@ -4,9 +4,9 @@ the compose file against the Compose specification's JSON schema, and what the s
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-import tomllib
 import yaml
 
 from tests.conftest import REPO
@@ -38,6 +38,30 @@ def test_image_installs_every_dependency_but_the_base_images_torch(tmp_path):
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     expected = [d for d in deps if not d.startswith(("torch>", "torchvision>"))]
     assert out.stdout.splitlines() == expected and "deepspeed>=0.16" in expected
+
+
+def test_image_ships_the_torch_the_gpu_lane_tests_and_pyproject_allows():
+    """The base image's PyTorch is the release scripts/test-gpu.sh is tested with, and inside pyproject's range."""
+    from packaging.requirements import Requirement
+
+    base = re.search(r"^ARG BASE=pytorch/pytorch:(\S+)-cuda", (DOCKER / "Dockerfile").read_text(), re.M).group(1)
+    tested = re.search(r"^TESTED_TORCH=(\S+)$", (REPO / "scripts" / "test-gpu.sh").read_text(), re.M).group(1)
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    assert base == tested and torch_req.specifier.contains(tested), (base, tested, torch_req)
+    cpu_torch = re.search(r"torch==(\S+) ", (REPO / "scripts" / "setup.sh").read_text()).group(1)
+    assert torch_req.specifier.contains(cpu_torch)  # and the CPU suite's
+
+
+def test_python_floor_is_what_the_tests_run_on():
+    """pyproject's requires-python admits the interpreter CI runs and no older one the tests could not import on
+    (they use tomllib, new in 3.11)."""
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    allowed = SpecifierSet(project["requires-python"])
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in allowed
+    assert "3.10" not in allowed and "3.11" in allowed
 
 
 def test_compose_file_follows_the_compose_spec_and_wires_the_stack(tmp_path):
