@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import dist, stages
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, read_header
 from pipeline.stages import REQUEUE_EXIT, StageFailed, StagePreempted
 
-# Logs and CI have no terminal width: give tables room rather than cutting paths.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# Logs and CI have no terminal width: give tables room rather than cutting paths (COLUMNS, when set, wins).
+console = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import tracking
 
     cfg = load_config(args.config, args.overrides)  # fails here, before any process starts
-    layout = stages.prepare(cfg, generate_data=not args.dry_run)
+    layout = stages.prepare(cfg, generate_data=not args.dry_run, description=read_header(args.config))
     if args.dry_run:
         return _print_plan(cfg)
     results = stages.run_experiment(cfg, layout)
@@ -46,7 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(table)
     if cfg.tracking.enabled:
         experiment = cfg.tracking.experiment or cfg.name
-        console.print(f"MLflow UI: {tracking.ui_command(cfg.tracking)}  (experiment {experiment!r})")
+        start, url = tracking.runs_view(cfg.tracking, experiment)
+        how = f"{start}, then open {url}" if start else f"open {url}"
+        console.print(f"MLflow: {how}  (experiment {experiment!r}: its runs)")
     return 0
 
 
@@ -125,7 +127,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, gpus="cluster")  # ranks sized to the cluster's nodes
     try:
-        jobs = submit(cfg, args.to)
+        jobs = submit(cfg, args.to, read_header(args.config))
     except SubmitError as err:
         print(f"mixer: error: {err}", file=sys.stderr)
         return 1
@@ -282,13 +284,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not runs:
         print(f"mixer: error: experiment {args.experiment!r} has no stage runs in {uri}", file=sys.stderr)
         return 2
-    columns, rows = compare.table_rows(runs)
-    table = Table(title=f"{args.experiment}: {len(runs)} stage runs ({uri})")
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "status") else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(f"[bold]{args.experiment}[/]: {len(runs)} stage runs ({uri})")
+    for table in compare.tables(runs, console.width):
+        console.print(table)
     png = Path(args.png or f"{args.experiment.replace('/', '_')}-compare.png")
     compare.plot(runs, metrics, png, f"{args.experiment}: {', '.join(metrics)}")
     console.print(f"curves: {png}")

@@ -636,8 +636,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def dump_config(cfg: ExperimentConfig, path: str | Path, header: str = "") -> None:
+    """The resolved config as YAML, under `header` as comment lines (the source file's, see `read_header`)."""
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    Path(path).write_text(comments + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def read_header(path: str | Path) -> str:
+    """A config file's opening comment block without the `#`s: its command, hardware and expected result
+    (the parent run's description in MLflow)."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(lines).strip("\n")
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

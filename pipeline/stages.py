@@ -18,6 +18,7 @@ from pipeline.config import (
     StageConfig,
     dump_config,
     flatten,
+    read_header,
     to_dict,
 )
 from pipeline.data import synthetic
@@ -51,13 +52,14 @@ def resolve_output_dir(cfg: ExperimentConfig) -> None:
     cfg.output_dir = str(Path(cfg.output_dir or Path("runs") / cfg.name).resolve())
 
 
-def prepare(cfg: ExperimentConfig, generate_data: bool = True) -> RunLayout:
-    """Output directory, the resolved config every stage reads, and any generated data set."""
+def prepare(cfg: ExperimentConfig, generate_data: bool = True, description: str = "") -> RunLayout:
+    """Output directory, the resolved config every stage reads (under `description`, the source file's header),
+    and any generated data set."""
     resolve_output_dir(cfg)
     checkpoint.stage_specs(cfg)  # refuses a resolution change that App. C cannot make, before anything starts
     layout = RunLayout(Path(cfg.output_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, layout.config)
+    dump_config(cfg, layout.config, description)
     for dataset in cfg.datasets.values() if generate_data else ():
         if dataset.generate is not None:
             ensure_generated(dataset.path, dataset.generate, dataset.train_split, dataset.eval_split)
@@ -142,11 +144,15 @@ def stage_env(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def open_parent(cfg: ExperimentConfig, layout: RunLayout) -> tracking.NullTracker:
-    """The experiment's MLflow run (the same one on a rerun), with the resolved config as params and artifact."""
+    """The experiment's MLflow run (the same one on a rerun), with the resolved config as params and artifact, and
+    the config file's header (command, hardware, expected result) as the run's description."""
     parent = tracking.start_parent(cfg, layout.parent_run_id)
     if not parent.resumed:
         parent.log_params(flatten(to_dict(cfg)))
         parent.log_artifact(layout.config)
+        description = read_header(layout.config)
+        if description:
+            parent.set_tags({tracking.DESCRIPTION_TAG: description})
     return parent
 
 

@@ -189,7 +189,7 @@ def hostfile(manifest: dict, slots: int) -> str:
     return "".join(f"{host} slots={slots}\n" for host in hosts)
 
 
-def submit(cfg: ExperimentConfig, to: str) -> list[Job]:
+def submit(cfg: ExperimentConfig, to: str, description: str = "") -> list[Job]:
     """Prepare the run (resolved config, data), open its MLflow parent run and write one job file per unfinished
     stage under `<output_dir>/jobs/`: a Slurm script, and with `cluster.image` set a Kubeflow PyTorchJob and its
     DeepSpeed hostfile. `to="slurm"`: sbatch each with `--dependency=afterok` on the one before; `to="k8s"`:
@@ -197,7 +197,7 @@ def submit(cfg: ExperimentConfig, to: str) -> list[Job]:
     if to == "k8s":
         stages.resolve_output_dir(cfg)
         k8s_check(cfg, RunLayout(Path(cfg.output_dir)))
-    layout = stages.prepare(cfg)
+    layout = stages.prepare(cfg, description=description)
     (layout.root / "jobs").mkdir(exist_ok=True)
     parent = stages.open_parent(cfg, layout)
     todo = [s for s in cfg.stages if layout.stage(s.name).read_result() is None]

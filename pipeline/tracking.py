@@ -18,6 +18,12 @@ from urllib.parse import urlparse
 from pipeline.config import ExperimentConfig, TrackingConfig
 
 DEFAULT_STORE = Path("runs") / "mlflow.db"
+# The run's description in MLflow's UI (its "Description" box, Markdown).
+DESCRIPTION_TAG = "mlflow.note.content"
+# MLflow 3's UI opens an experiment on its GenAI "Overview" page (traces) unless the experiment says it is model
+# training: then it opens on the runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_PORT = 5000
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 MODEL_ARTIFACT = "model"  # a training stage's exported weights and model.json, under the run's artifacts
 log = logging.getLogger(__name__)
@@ -287,6 +293,9 @@ def open_client(uri: str) -> Any:
 def _experiment_id(client: Any, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if not set(EXPERIMENT_KIND) <= set(experiment.tags):  # made by an older version or by hand
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:"):
@@ -295,7 +304,7 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException as err:  # another run on the same server created it a moment ago
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -347,9 +356,12 @@ def start_stage(
     return _run(cfg, id_file, stage_name, tags)
 
 
-def ui_command(cfg: TrackingConfig) -> str:
-    """How to open the MLflow UI on this store."""
+def runs_view(cfg: TrackingConfig, experiment: str) -> tuple[str, str]:
+    """How to see an experiment's runs: the command that starts the MLflow UI on this store ("" for a tracking
+    server, which serves its own) and the address of the experiment's runs view there."""
     uri = tracking_uri(cfg)
+    found = open_client(uri).get_experiment_by_name(experiment)
+    route = f"#/experiments/{found.experiment_id}/runs" if found is not None else "#/experiments"
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return "", f"{uri.rstrip('/')}/{route}"
+    return f"mlflow ui --backend-store-uri {uri} --port {UI_PORT}", f"http://127.0.0.1:{UI_PORT}/{route}"

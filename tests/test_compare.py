@@ -1,9 +1,13 @@
 """`mixer compare`: stage runs in a real MLflow store, side by side, and their curves as a PNG."""
 
+import io
+
+import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
-from pipeline.compare import stage_runs, table_rows
+from pipeline.compare import figure, stage_runs, table_rows, tables
 from tests.conftest import run_mixer
 
 
@@ -41,3 +45,53 @@ def test_compare_lists_stage_runs_with_their_differences_and_plots_their_curves(
 
     missing = run_mixer("compare", "nope", "--uri", uri)
     assert missing.returncode == 2 and "no MLflow experiment named 'nope'" in missing.stderr
+
+
+def _three_stages(tmp_path):
+    """A demo-like experiment: pretrain and finetune with many differing settings, and an eval stage that logged
+    no training curve."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("wide", artifact_location=(tmp_path / "art").as_uri())
+    settings = {
+        "pretrain": {"stage.optim.warmup_steps": "30", "stage.augment.crop_scale": "[0.6, 1.0]",
+                     "stage.checkpoint_every": "150", "stage.eval_every": "150", "stage.dataset": "shapes",
+                     "stage.optim.weight_decay": "0.05", "model.variant": "B/16", "deepspeed.zero_stage": "2"},
+        "finetune": {"stage.optim.warmup_steps": "15", "stage.augment.crop_scale": "[0.6, 1.0]",
+                     "stage.init_from": "pretrain", "stage.dataset": "novel_shapes", "stage.optim.name": "sgd",
+                     "stage.optim.weight_decay": "0.0", "model.variant": "B/16", "deepspeed.zero_stage": "2"},
+        "eval": {"stage.init_from": "finetune", "stage.dataset": "novel_shapes", "model.variant": "B/16"},
+    }  # fmt: skip
+    for stage, params in settings.items():
+        run = client.create_run(experiment, tags={"stage": stage}).info.run_id
+        client.log_batch(run, params=[Param(k, v) for k, v in params.items()])
+        metrics = [Metric("eval/top1", 0.9587, 0, 300), Metric("eval/top5", 1.0, 0, 300)]
+        if stage != "eval":
+            metrics += [Metric("train/loss", 2.0 - 0.001 * s, 0, s) for s in range(1, 300, 10)]
+            metrics += [Metric("train/img_per_s", 12345.6, 0, 300), Metric("train/mfu", 0.4321, 0, 300)]
+        client.log_batch(run, metrics=metrics)
+        client.set_terminated(run)
+    return client
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_compare_tables_fit_a_terminal_without_cutting_a_column_name(tmp_path, width):
+    runs = stage_runs(_three_stages(tmp_path), "wide", curves=("train/loss",))
+    runs = runs * 3  # nine runs: more than one settings table holds at these widths
+    console = Console(width=width, file=io.StringIO(), record=True)
+    for table in tables(runs, width):
+        console.print(table)
+    text = console.export_text()
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= width
+    for name in ("model.variant", "deepspeed.zero_stage", "stage.optim.warmup_steps", "stage.augment.crop_scale",
+                 "loss", "top-1", "img/s", "MFU", "novel_shapes", "12,346", "0.4321"):  # fmt: skip
+        assert name in text, (name, text)
+    for run in runs:  # every run has a column of settings and a row of metrics
+        assert text.count(run.label) == 2 * 3, run.label
+
+
+def test_every_stage_is_in_the_plots_legend_also_one_without_the_first_curve(tmp_path):
+    runs = stage_runs(_three_stages(tmp_path), "wide", curves=("train/loss", "eval/top1"))
+    fig = figure(runs, ("train/loss", "eval/top1"), "wide")
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert sorted(label.split()[0] for label in labels) == ["eval", "finetune", "pretrain"]

@@ -187,3 +187,12 @@ def test_cluster_gpus_and_ranks_per_node_agree_or_are_refused():
     with pytest.raises(ConfigError, match="'cluster.stages.eval.gpus_per_node' is 4"):
         load_config(DEMO, bad_stage, gpus="cluster")
 
+
+def test_header_is_read_and_kept_above_the_resolved_config(tmp_path):
+    from pipeline.config import read_header
+
+    header = read_header(DEMO)
+    assert header.startswith("The demo: procedural shapes") and "Command:" in header and "Expected:" in header
+    dump_config(load_config(DEMO), tmp_path / "resolved.yaml", header)
+    assert read_header(tmp_path / "resolved.yaml") == header
+    assert load_config(tmp_path / "resolved.yaml").stages[0].name == "pretrain"  # comments do not disturb the YAML

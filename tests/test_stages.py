@@ -43,11 +43,22 @@ def tiny_run(tmp_path_factory):
 
 
 def test_summary_names_every_stage_and_the_ui(tiny_run):
-    _, uri, _, result = tiny_run
+    tmp, uri, _, result = tiny_run
     for stage in ("pretrain", "finetune", "eval"):
         assert stage in result.stdout
-    assert f"mlflow ui --backend-store-uri {uri}" in result.stdout
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny")
+    # The UI's start command and the experiment's runs view, not MLflow 3's GenAI overview, which it opens on
+    # unless the experiment says it is model training.
+    assert f"mlflow ui --backend-store-uri {uri} --port 5000" in result.stdout
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs" in result.stdout
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "Traceback" not in result.stderr
+    # The parent run's description is the config's header: what it is, its command, its hardware.
+    parent = client.get_run((tmp / "out" / "parent_run_id").read_text().strip())
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("The integration test's experiment") and "Command: pytest" in description
+    assert (tmp / "out" / "config.yaml").read_text().startswith("# The integration test's experiment")
 
 
 def test_checkpoints_are_sharded_per_rank(tiny_run):
