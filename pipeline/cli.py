@@ -16,8 +16,8 @@ from pipeline import dist, stages
 from pipeline.config import ConfigError, load_config, read_header
 from pipeline.stages import REQUEUE_EXIT, StageFailed, StagePreempted
 
-# Logs and CI have no terminal width: give tables room rather than cutting paths (COLUMNS, when set, wins).
-console = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+# Logs and CI have no terminal width: give tables room rather than cutting paths.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
