@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ import yaml
 from pipeline.models.mixer import REMAT, VARIANTS, MixerSpec
 
 STAGE_KINDS = ("pretrain", "finetune", "eval")
+# Experiment and stage names become job names, rendezvous ids, MLflow run names and folder names: no spaces, no
+# shell characters.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin")
 
 
@@ -518,6 +522,12 @@ def _choice(value: Any, allowed: tuple, where: str, source: Path) -> None:
 def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
     """Cross-field checks that types alone cannot express."""
     source = Path(source)
+    for where, name in [("name", cfg.name), *((f"stages[{i}].name", s.name) for i, s in enumerate(cfg.stages))]:
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(
+                f"{source}: '{where}' is {name!r}: use letters, digits, '_', '.' and '-' (starting with a letter or "
+                "digit)"
+            )
     if cfg.model.variant is not None:
         _choice(cfg.model.variant, tuple(VARIANTS), "model.variant", source)
     else:
@@ -562,6 +572,9 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
             raise ConfigError(
                 f"{source}: 'cluster.stages.{name}' names no stage; stages: {[s.name for s in cfg.stages]}"
             )
+    for key in cfg.cluster.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{source}: 'cluster.env' key {key!r} is not an environment variable name")
     if cfg.cluster.nodes < 1 or cfg.cluster.gpus_per_node < 0:
         raise ConfigError(f"{source}: 'cluster.nodes' must be >= 1 and 'cluster.gpus_per_node' >= 0")
     seen: list[str] = []
@@ -611,6 +624,12 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
                 f"{source}: {where} runs ZeRO-3 with deepspeed.compile, which compiles through DeepSpeed's"
                 " DeepCompile: 'deepspeed.compile_mode' must be default and 'deepspeed.fp8' none"
             )
+        _check_ranges(stage, where, source)
+        if stage.image_size is not None and stage.image_size % cfg.model.spec().patch_size:
+            raise ConfigError(
+                f"{source}: '{where}.image_size' is {stage.image_size}, not a multiple of the patch size "
+                f"{cfg.model.spec().patch_size}"
+            )
         _choice(stage.optim.name, ("adamw", "sgd"), f"{where}.optim.name", source)
         _choice(stage.optim.schedule, ("linear", "cosine"), f"{where}.optim.schedule", source)
         _choice(stage.augment.crop, ("inception", "resize"), f"{where}.augment.crop", source)
@@ -618,6 +637,45 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         for crop in stage.augment.extra_eval_crops:
             _choice(crop, ("resize-crop", "resmall-crop"), f"{where}.augment.extra_eval_crops", source)
         seen.append(stage.name)
+
+
+# Each numeric stage setting's allowed range: (key, lowest, highest, whether the lowest itself is allowed).
+STAGE_RANGES = (
+    ("steps", 0, None, True),
+    ("eval_every", 0, None, True),
+    ("checkpoint_every", 0, None, True),
+    ("stoch_depth", 0, 1, True),
+    ("dropout", 0, 1, True),
+    ("optim.lr", 0, None, False),
+    ("optim.weight_decay", 0, None, True),
+    ("optim.momentum", 0, 1, True),
+    ("optim.warmup_steps", 0, None, True),
+    ("optim.grad_clip", 0, None, True),
+    ("augment.randaugment_magnitude", 0, 30, True),  # torchvision's RandAugment has 31 magnitude bins
+    ("augment.mixup", 0, None, True),
+    ("augment.cutmix", 0, None, True),
+    ("augment.eval_resize", 0, None, False),
+)
+
+
+def _check_ranges(stage: StageConfig, where: str, source: Path) -> None:
+    """Numbers a stage would only reject inside its ranks (DeepSpeed's, torch's or our own errors) or accept and
+    train wrongly with: refused here, naming the key."""
+    for key, low, high, low_ok in STAGE_RANGES:
+        value: Any = stage
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not (value > low or (low_ok and value == low)) or (high is not None and value > high) or value != value:
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ConfigError(f"{source}: '{where}.{key}' is {value}; it must be {bound}")
+    if stage.stoch_depth >= 1 or stage.dropout >= 1:
+        raise ConfigError(f"{source}: '{where}': stoch_depth and dropout must be below 1 (every unit dropped)")
+    low, high = stage.augment.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"{source}: '{where}.augment.crop_scale' is [{low}, {high}]; it must be 0 < low <= high <= 1")
+    for i, beta in enumerate(stage.optim.betas):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{source}: '{where}.optim.betas[{i}]' is {beta}; it must be >= 0 and < 1")
 
 
 # --------------------------------------------------------------------------- dumping

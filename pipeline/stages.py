@@ -58,8 +58,11 @@ def prepare(cfg: ExperimentConfig, generate_data: bool = True, description: str 
     resolve_output_dir(cfg)
     checkpoint.stage_specs(cfg)  # refuses a resolution change that App. C cannot make, before anything starts
     layout = RunLayout(Path(cfg.output_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, layout.config, description)
+    try:  # found here, not at the first checkpoint
+        layout.root.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, layout.config, description)
+    except OSError as err:
+        raise ConfigError(f"'output_dir' {layout.root} cannot be written: {err}") from err
     for dataset in cfg.datasets.values() if generate_data else ():
         if dataset.generate is not None:
             ensure_generated(dataset.path, dataset.generate, dataset.train_split, dataset.eval_split)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -196,3 +198,32 @@ def test_header_is_read_and_kept_above_the_resolved_config(tmp_path):
     dump_config(load_config(DEMO), tmp_path / "resolved.yaml", header)
     assert read_header(tmp_path / "resolved.yaml") == header
     assert load_config(tmp_path / "resolved.yaml").stages[0].name == "pretrain"  # comments do not disturb the YAML
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("stages.pretrain.optim.lr=-1", "optim.lr"),
+        ("stages.pretrain.optim.lr=.nan", "optim.lr"),
+        ("stages.pretrain.optim.warmup_steps=-5", "optim.warmup_steps"),
+        ("stages.pretrain.dropout=1.5", "dropout"),
+        ("stages.pretrain.stoch_depth=2", "stoch_depth"),
+        ("stages.pretrain.augment.mixup=-1", "augment.mixup"),
+        ("stages.pretrain.checkpoint_every=-3", "checkpoint_every"),
+        ("stages.pretrain.optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("stages.pretrain.augment.crop_scale=[0.9, 0.1]", "augment.crop_scale"),
+        ("stages.pretrain.optim.betas=[0.9, 1.0]", "optim.betas[1]"),
+        ("stages.finetune.image_size=50", "image_size"),
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_the_key(override, key):
+    stage = override.split(".")[1]
+    with pytest.raises(ConfigError, match=rf"'stages\[{stage}\]\.{re.escape(key)}'"):
+        load_config(DEMO, [override])
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_launch(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_mixer("run", str(DEMO), f"output_dir={blocker}/out")
+    assert result.returncode == 2 and "'output_dir'" in result.stderr and "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 as root): stages run as chained jobs, MLflow ends up as after `mixer run`, a failure stops the chain."""
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import ConfigError, load_config
 from pipeline.dist import free_port
 from tests.conftest import REPO, apt_install, run_mixer
 
@@ -188,3 +190,22 @@ def test_a_failing_stage_leaves_the_later_ones_never_run(tmp_path, slurm):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent_id = (tmp_path / "out" / "parent_run_id").read_text().strip()
     assert client.get_run(parent_id).info.status == "FAILED"
+
+
+def test_names_are_checked_and_rendered_values_quoted(tmp_path):
+    """A stage named `pre train$(id)` is refused; an output folder with shell characters in its name lands in the
+    job script as one quoted word, so the shell runs nothing it holds."""
+    for bad in ("stages.pretrain.name=pre train$(id)", "name=x;id", "cluster.env={'A B': '1'}"):
+        with pytest.raises(ConfigError, match="'name'|'stages\\[0\\]\\.name'|'cluster.env' key"):
+            load_config(TINY, [bad])
+    out = tmp_path / "o$(touch PWNED)"
+    result = run_mixer(
+        "submit", str(TINY), "--to", "print", f"output_dir={out}", f"datasets.shapes.path={tmp_path}/shapes",
+        f"datasets.novel.path={tmp_path}/novel", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    script = (out / "jobs" / "pretrain.sbatch").read_text()
+    srun = script[script.index("srun ") : script.index("launcher=$!")].replace("\\\n", " ")
+    words = shlex.split(srun)
+    assert words[words.index("stage") + 1] == str(out / "config.yaml")  # one literal word
+    assert shlex.quote(str(out / "stages" / "pretrain" / "preempted")) in script

@@ -95,8 +95,11 @@ def iter_shard(url: str, stream, on_error) -> Iterator[dict]:
 def count_samples(url: str, retries: int = 3) -> int:
     """Samples in one shard. Local tars are listed header by header (no image bytes read); others are streamed."""
     if not is_remote(url):
-        with tarfile.open(url, "r:*") as tar:
-            keys = [tariterators.base_plus_ext(m.name)[0] for m in tar.getmembers() if m.isreg()]
+        try:
+            with tarfile.open(url, "r:*") as tar:
+                keys = [tariterators.base_plus_ext(m.name)[0] for m in tar.getmembers() if m.isreg()]
+        except (tarfile.TarError, EOFError) as err:  # an empty, truncated or foreign file
+            raise ValueError(f"{url} is not a readable tar shard ({err or type(err).__name__})") from err
         # group_by_keys starts a new sample whenever the key changes between consecutive members
         return sum(1 for i, key in enumerate(keys) if key is not None and (i == 0 or keys[i - 1] != key))
     stream = open_shard(url, retries)
@@ -137,8 +140,12 @@ def write_index(urls: list[str], out: str | Path, classes: list[str] | tuple[str
     return out
 
 
-def read_index_file(location: str) -> Source:
-    """An index (local path or URL) -> its shards, resolved against the index's own folder or URL prefix."""
+def read_index_file(location: str, declared: tuple[str, ...] | list[str] = ()) -> Source:
+    """An index (local path or URL) -> its shards, resolved against the index's own folder or URL prefix.
+
+    An index is data, not a command: its entries may name files (relative to the index, local paths beside a local
+    index, or URLs of the index's own scheme), and other schemes, `pipe:` above all (webdataset runs it through a
+    shell), only where the config's source spelled that very URL (`declared`: the source's expanded pattern)."""
     try:
         if is_remote(location):
             with fsspec.open(location, "rt") as f:
@@ -153,9 +160,17 @@ def read_index_file(location: str) -> Source:
     if data.get("format") != INDEX_FORMAT:
         raise ValueError(f"{location}: format is {data.get('format')!r}, expected {INDEX_FORMAT!r}")
     base = location.rsplit("/", 1)[0] if is_remote(location) else str(Path(location).resolve().parent)
+    own_scheme = urlparse(location).scheme if is_remote(location) else ""
     urls = []
     for entry in data["shards"]:
         url = entry["url"]
+        scheme = urlparse(url).scheme if is_remote(url) else ""
+        if url not in declared and (scheme != own_scheme if scheme else own_scheme and Path(url).is_absolute()):
+            raise DataError(
+                f"{location}: shard entry {url!r} is not a file of this data set; an index names its shards "
+                "relative to itself or by its own scheme. A pipe: command or another scheme belongs in the "
+                "config (the source's url), which then needs this index to list exactly those URLs"
+            )
         relative = not is_remote(url) and not Path(url).is_absolute()
         urls.append(f"{base}/{url}" if relative else url)
     return Source(
@@ -209,7 +224,11 @@ def source_configs(dataset: DatasetConfig) -> list[SourceConfig]:
 def training_sources(dataset: DatasetConfig, cache_dir: Path) -> tuple[Source, ...]:
     """The dataset's training sources read from their indexes (every rank calls this after `prepare_sources`)."""
     return tuple(
-        dataclasses.replace(read_index_file(index_location(s.url, s.index, cache_dir)), name=s.url, weight=s.weight)
+        dataclasses.replace(
+            read_index_file(index_location(s.url, s.index, cache_dir), expand(s.url) if is_pattern(s.url) else ()),
+            name=s.url,
+            weight=s.weight,
+        )
         for s in source_configs(dataset)
     )
 

@@ -26,6 +26,7 @@ from pipeline.data.stream import (
 )
 from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.dist import free_port
+from tests.conftest import run_mixer
 
 PREPARE = cpu_prepare(train_transform(AugmentConfig(crop_scale=(0.5, 1.0)), 16))
 
@@ -299,7 +300,9 @@ def test_pipe_and_fsspec_sources(tmp_path):
     with pytest.raises(ValueError, match="mixer shards index"):
         ensure_index(pattern, None, tmp_path / "cache")  # streaming every remote shard at launch: not silently
     write_index(expand(pattern), tmp_path / "pipe-index.json")  # what `mixer shards index PATTERN` does
-    piped = read_index_file(ensure_index(pattern, str(tmp_path / "pipe-index.json"), tmp_path / "cache"))
+    piped = read_index_file(
+        ensure_index(pattern, str(tmp_path / "pipe-index.json"), tmp_path / "cache"), expand(pattern)
+    )
     assert piped.counts == (20, 20) and piped.urls[0] == f"pipe:cat {tmp_path}/s/s0.tar"
     with TrainStream(plan_for(piped, batch=8), PREPARE) as stream:
         via_pipe = take(stream, 4)
@@ -355,3 +358,37 @@ def test_eval_covers_every_sample_once_with_equal_batches_per_rank(tmp_path):
     labels = torch.cat([y for batches in per_rank for _, y in batches])
     assert (labels >= 0).sum() == 250
     assert per_rank[0][0][0].dtype == torch.uint8
+
+
+def test_an_index_cannot_run_a_command_or_reach_another_scheme(tmp_path):
+    """index.json is data: a `pipe:` entry (webdataset would run it in a shell during an ordinary `mixer run`) or
+    another scheme's URL is refused before any shard is opened; the config's own pipe: source still works."""
+    from pipeline.config import DatasetConfig, SourceConfig
+    from pipeline.data.sources import prepare_sources
+
+    source = uneven_shards(tmp_path / "s", (20, 20))
+    index = tmp_path / "s" / "index.json"
+    planted = tmp_path / "ran"
+    data = json.loads(index.read_text())
+    for url in (f"pipe:touch {planted}", "s3://elsewhere/s0.tar"):
+        data["shards"][0]["url"] = url
+        index.write_text(json.dumps(data))
+        with pytest.raises(DataError, match="is not a file of this data set"):
+            prepare_sources(DatasetConfig(path=str(tmp_path), num_classes=4, train_split="s"), tmp_path / "cache")
+        assert not planted.exists()
+    pattern = f"pipe:cat {tmp_path}/s/s{{0..1}}.tar"
+    write_index(expand(pattern), tmp_path / "pipe-index.json")
+    config = DatasetConfig(path=str(tmp_path), num_classes=4, sources=[SourceConfig(url=pattern, index=str(
+        tmp_path / "pipe-index.json"))])  # fmt: skip
+    assert prepare_sources(config, tmp_path / "cache")[0].counts == source.counts
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_indexing_a_broken_tar_names_the_file(tmp_path, damage):
+    source = uneven_shards(tmp_path / "s", (20, 20))
+    broken = Path(source.urls[1])
+    data = broken.read_bytes()
+    broken.write_bytes(b"" if damage == "empty" else data[: len(data) // 2 + 100])
+    result = run_mixer("shards", "index", str(tmp_path / "s"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"mixer: error: {broken} is not a readable tar shard" in result.stderr
