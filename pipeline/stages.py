@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -22,10 +23,12 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data import synthetic
-from pipeline.data.shards import INDEX_NAME
+from pipeline.data.shards import INDEX_NAME, read_index
 from pipeline.data.sources import DataError, prepare_sources
 from pipeline.data.stream import stream_plan
 from pipeline.layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 # Exit status of a stage (and of `mixer run`) that saved a checkpoint and stopped on SIGTERM/SIGUSR1: run the same
 # command again (Slurm: requeue the job) to resume. 75 is EX_TEMPFAIL, "try again later".
@@ -72,12 +75,28 @@ def prepare(cfg: ExperimentConfig, generate_data: bool = True, description: str 
 
 
 def check_training_data(cfg: ExperimentConfig, layout: RunLayout) -> None:
-    """Every training stage's sources have an index, and its plan can run (e.g. enough shards for split mode)."""
+    """Before launch: every stage's held-out split has an index (a training stage evaluates at its end), every
+    training stage's sources have one with as many classes as the data set says, and its plan can run (e.g. enough
+    shards for split mode)."""
     world = cfg.launch.nproc_per_node * cfg.launch.nnodes
     for stage in cfg.stages:
+        dataset = cfg.datasets[stage.dataset]
+        try:
+            read_index(Path(dataset.path) / dataset.eval_split)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"stage {stage.name} evaluates on datasets.{stage.dataset}'s eval split: {err}") from err
         if stage.kind == "eval":
             continue
-        sources = prepare_sources(cfg.datasets[stage.dataset], layout.data_index)
+        if dataset.num_classes == 1:
+            log.warning("stage %s trains on one class (datasets.%s.num_classes): it learns nothing", stage.name,
+                        stage.dataset)  # fmt: skip
+        sources = prepare_sources(dataset, layout.data_index)
+        for source in sources:
+            if source.classes and len(source.classes) != dataset.num_classes:
+                raise ConfigError(
+                    f"stage {stage.name}: 'datasets.{stage.dataset}.num_classes' is {dataset.num_classes}, but the "
+                    f"index of {source.name} lists {len(source.classes)} classes"
+                )
         try:
             stream_plan(cfg, stage, 0, world, sources).check()
         except DataError as err:

@@ -451,8 +451,11 @@ class StageRunner:
                 raise Preempted(stage.name, step)
         bar.close()
 
-    def _held_out(self, index: ShardIndex, crop: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every sample of `index` once over all ranks, preprocessed for evaluation; equal batches per rank."""
+    def _held_out(
+        self, index: ShardIndex, crop: str | None = None, num_classes: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sample of `index` once over all ranks, preprocessed for evaluation; equal batches per rank. With
+        `num_classes`, a sample labelled outside it is skipped with a warning naming it."""
         augment = self.stage.augment if crop is None else dataclasses.replace(self.stage.augment, eval_crop=crop)
         batches = eval_batches(
             index,
@@ -462,6 +465,7 @@ class StageRunner:
             transform=eval_transform(augment, self.image_size),
             image_size=self.image_size,
             num_workers=self.cfg.data.num_workers,
+            num_classes=num_classes,
         )
         for images, labels in batches:
             images, labels = self._to_device(images, labels)
@@ -484,7 +488,7 @@ class StageRunner:
 
     def _classify(self, index: ShardIndex, crop: str | None, prefix: str) -> dict:
         correct1 = correct5 = loss_sum = seen = 0.0
-        for images, labels in self._held_out(index, crop):
+        for images, labels in self._held_out(index, crop, self.dataset.num_classes):
             logits = self.engine(images).float()
             valid = labels >= 0  # padding batches are labelled -1
             logits, labels = logits[valid], labels[valid]

@@ -267,3 +267,24 @@ def test_a_corrupt_or_incompatible_checkpoint_is_refused_with_what_differs(tiny_
     result = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode != 0
     assert "is corrupt, refusing to load it" in result.stderr and shard.name in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("datasets.shapes.num_classes=5", "'datasets.shapes.num_classes' is 5, but the index of"),
+        ("datasets.shapes.generate=null", "stage pretrain evaluates on datasets.shapes's eval split"),
+    ],
+)
+def test_data_problems_visible_before_launch_stop_it(tmp_path, override, message):
+    """A class count that contradicts the index, or a held-out split without an index (found after every training
+    step before): refused before any rank starts."""
+    from pipeline.data import synthetic
+
+    synthetic.write_dataset("shapes", tmp_path / "shapes" / "train", samples=64, size=16, seed=0)  # no eval split
+    result = run_mixer(
+        "run", str(TINY), f"output_dir={tmp_path}/out", f"datasets.shapes.path={tmp_path}/shapes",
+        f"datasets.novel.path={tmp_path}/novel", override, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "stages").exists()

@@ -99,6 +99,13 @@ def _label(sample: dict, classes: tuple[str, ...]) -> int:
     raise BadSample("no label (.cls, .json label/cls/class or .txt)")
 
 
+def check_label(label: int, num_classes: int | None) -> int:
+    """`label`, or `BadSample` when it is outside the data set's classes (the loss would fail on it mid-run)."""
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise BadSample(f"label {label} is outside 0..{num_classes - 1} (the data set's num_classes is {num_classes})")
+    return label
+
+
 def image_and_label(sample: dict, classes: tuple[str, ...] = ()) -> tuple[bytes, int]:
     """The encoded image and the integer label of a webdataset sample, or `BadSample`."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -147,6 +154,7 @@ class StreamPlan:
     block: int  # shuffle block, in samples
     samples_per_epoch: int
     open_retries: int = 3
+    num_classes: int | None = None  # labels outside 0..num_classes-1 are bad samples
 
     @property
     def slots(self) -> int:
@@ -220,6 +228,7 @@ def stream_plan(
         block=data.shuffle_buffer,
         samples_per_epoch=data.samples_per_epoch or sum(s.num_samples for s in sources),
         open_retries=data.open_retries,
+        num_classes=cfg.datasets[stage.dataset].num_classes,
     )
 
 
@@ -428,6 +437,7 @@ class SlotBatches(torch.utils.data.IterableDataset):
                 sample = readers[s].next()
                 try:
                     image, label = self.prepare(sample, plan.sources[s].classes)
+                    check_label(label, plan.num_classes)
                 except BadSample as err:
                     report(sample.get("__url__", "?"), sample.get("__key__"), str(err), 1)
                     failed += 1
@@ -606,9 +616,17 @@ def _warn_and_skip(err: Exception) -> bool:
     return True
 
 
-def _to_pair(transform: Callable) -> Callable[[dict], tuple[torch.Tensor, int]]:
+def _to_pair(transform: Callable, num_classes: int | None) -> Callable[[dict], tuple[torch.Tensor, int]]:
     prepare = cpu_prepare(transform)
-    return lambda sample: prepare(sample, ())
+
+    def pair(sample: dict) -> tuple[torch.Tensor, int]:
+        try:
+            image, label = prepare(sample, ())
+            return image, check_label(label, num_classes)
+        except BadSample as err:
+            raise BadSample(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}") from err
+
+    return pair
 
 
 def eval_batches(
@@ -620,6 +638,7 @@ def eval_batches(
     transform: Callable,
     image_size: int,
     num_workers: int,
+    num_classes: int | None = None,
 ) -> Iterator[Batch]:
     """Every held-out sample once. Ranks get shards round-robin; all yield `num_eval_batches(...)` batches.
 
@@ -633,7 +652,7 @@ def eval_batches(
             wds.SimpleShardList(urls),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=_warn_and_skip),
-            wds.map(_to_pair(transform), handler=_warn_and_skip),
+            wds.map(_to_pair(transform, num_classes), handler=_warn_and_skip),
             wds.batched(batch_size, partial=True),
         )
         workers = min(num_workers, len(urls))

@@ -392,3 +392,17 @@ def test_indexing_a_broken_tar_names_the_file(tmp_path, damage):
     result = run_mixer("shards", "index", str(tmp_path / "s"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"mixer: error: {broken} is not a readable tar shard" in result.stderr
+
+
+def test_a_label_outside_the_classes_is_a_bad_sample_named_and_counted(tmp_path):
+    """The shapes have 8 classes; a data set declared with 5 would fail in the loss mid-run ('Target 6 is out of
+    bounds'): those samples are skipped, counted and named instead."""
+    import dataclasses
+
+    source = uneven_shards(tmp_path / "s", (40, 40))
+    plan = dataclasses.replace(plan_for(source, batch=8), num_classes=5)
+    with TrainStream(plan, PREPARE, max_bad_fraction=1.0) as stream:
+        labels = torch.cat([next(stream)[1] for _ in range(4)])
+        events = list(stream.new_bad)
+    assert labels.max() < 5 and stream.bad == sum(e["count"] for e in events) > 0
+    assert all(e["key"] and e["url"].endswith(".tar") and "is outside 0..4" in e["reason"] for e in events)
