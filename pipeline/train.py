@@ -185,8 +185,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
             "run_id": tracker.run_id,
         }
         if stage.kind != "eval":
-            tag = runner.save(stage.steps, wait=True)  # the export below reads it
-            dist.barrier()
+            tag = runner.final_tag
             result["checkpoint"] = str(layout.checkpoints / tag)
             if env.is_primary:
                 weights = checkpoint.export(engine, layout, tag, spec, dataset.num_classes, zero, cfg.model.gelu)
@@ -357,12 +356,18 @@ class StageRunner:
         return {"data/bad_samples": bad, "data/bad_fraction": bad / max(read, 1)}
 
     def train(self, start_step: int, data_state: dict | None) -> dict:
+        """The remaining steps, the final checkpoint (`final_tag`), then the final evaluation: saved first, so that
+        a failing evaluation loses no training and a rerun only evaluates again."""
         self.stream = self._train_stream(data_state)
         try:
             self._train_steps(start_step)
         finally:
             # Loader workers ignore SIGTERM (see stream); they must be stopped here, or exit would wait on them.
             self.stream.close()
+        end = checkpoint.tag_for(self.stage.steps)
+        resumed_at_end = start_step == self.stage.steps and end in checkpoint.complete_tags(self.layout.checkpoints)
+        self.final_tag = end if resumed_at_end else self.save(self.stage.steps, wait=True)  # the export reads it
+        dist.barrier()
         return {**self.metrics, **self.evaluate(self.stage.steps)}
 
     def _train_steps(self, start_step: int) -> None:

@@ -114,3 +114,36 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_on_three_ranks(tmp_path):
     assert run.data.metrics["train/lr"] == MlflowClient(uri).get_run(straight_run).data.metrics["train/lr"]
     final = load_file(stage / "model.safetensors")
     assert any(not torch.equal(final[k], saved[k]) for k in saved)
+
+
+def test_a_failing_final_evaluation_keeps_the_training_and_a_rerun_only_evaluates(tmp_path):
+    """The stage saves its last step before its final evaluation: with the default checkpoint_every 0 a failure
+    there used to throw the whole stage's training away."""
+    import json
+
+    from pipeline.data import synthetic
+
+    shapes = tmp_path / "shapes"
+    synthetic.write_dataset("shapes", shapes / "train", samples=400, size=16, seed=0)
+    synthetic.write_dataset("shapes", shapes / "eval", samples=64, size=16, seed=1)
+    index = shapes / "eval" / "index.json"
+    good = index.read_text()
+    broken = json.loads(good)
+    for shard in broken["shards"]:
+        shard["num_samples"] = 0  # the evaluation then reads more batches than the index allows, and stops
+    index.write_text(json.dumps(broken))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*_args(tmp_path, "run"), "stages.pretrain.checkpoint_every=0", "stages.pretrain.checkpoint_async=false"]
+    failed = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
+    assert failed.returncode != 0 and "more than the index allows" in failed.stderr, failed.stderr[-3000:]
+    stage = tmp_path / "run" / "stages" / "pretrain"
+    assert checkpoint.latest_tag(stage / "checkpoints") == checkpoint.tag_for(24)  # the training is kept
+    assert not (stage / "result.json").exists()
+
+    index.write_text(good)
+    rerun = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    run = MlflowClient(uri).get_run((stage / "run_id").read_text().strip())
+    assert run.data.tags["resumed_from"].endswith(checkpoint.tag_for(24)) and "eval/top1" in run.data.metrics
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))  # no step trained (or logged) twice

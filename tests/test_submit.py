@@ -178,7 +178,8 @@ def test_submitted_stages_survive_a_requeue_complete_in_order_and_track_like_mix
 
 
 def test_a_failing_stage_leaves_the_later_ones_never_run(tmp_path, slurm):
-    ids = _submit(tmp_path, slurm, "stages.pretrain.optim.lr=nan")  # the optimiser refuses it when the job starts
+    # Valid as a config; the job's ranks, on nodes without a GPU, refuse it when they start.
+    ids = _submit(tmp_path, slurm, "data.decode=gpu")
     jobs = _wait(slurm, ids, lambda jobs: jobs[0]["JobState"] == "FAILED" and jobs[1]["Reason"] != "Dependency")
     # The next stage can never start; the one after it waits on that one, so it never starts either.
     assert [(j["JobState"], j["Reason"]) for j in jobs[1:]] == [
@@ -186,7 +187,7 @@ def test_a_failing_stage_leaves_the_later_ones_never_run(tmp_path, slurm):
         ("PENDING", "Dependency"),
     ]
     log = next((tmp_path / "out" / "jobs").glob("pretrain-*.log")).read_text()
-    assert "mixer: error: Invalid learning rate: nan" in log
+    assert "mixer: error: data.decode=gpu needs a CUDA device" in log
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent_id = (tmp_path / "out" / "parent_run_id").read_text().strip()
     assert client.get_run(parent_id).info.status == "FAILED"
