@@ -22,8 +22,10 @@ STD = (0.229, 0.224, 0.225)
 
 
 def decode(data: bytes) -> torch.Tensor:
-    """Encoded JPEG/PNG/WebP bytes -> (3, H, W) uint8, whatever the file's colour mode."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    """Encoded JPEG/PNG/WebP bytes -> (3, H, W) uint8, whatever the file's colour mode and bit depth (a 16-bit PNG
+    decodes to uint16, which the uint8 augmentation and batches cannot take: it is scaled to 8 bits here)."""
+    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return image if image.dtype == torch.uint8 else F.to_dtype(image, torch.uint8, scale=True)
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -71,3 +71,21 @@ def test_stack_images_keeps_values_and_lays_the_batch_out_channels_last():
     assert torch.allclose(standardised, normalize(batch.contiguous()))
     # Images laid out otherwise (after RandAugment, say) stack to the same values.
     assert torch.equal(stack_images([image.contiguous() for image in images]), batch)
+
+
+def test_a_16_bit_png_decodes_to_8_bits():
+    """`mixer shards write` keeps 16-bit PNGs; torchvision decodes them to uint16, which stopped training
+    ("Promotion for uint16 ... not supported")."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.transforms import decode
+
+    levels = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(levels).save(buf, "PNG")
+    image = decode(buf.getvalue())
+    assert image.dtype == torch.uint8 and image.shape == (3, 20, 30)
+    assert torch.equal(image[0], torch.from_numpy((levels >> 8).astype(np.uint8)))  # the high byte
