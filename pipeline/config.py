@@ -639,37 +639,38 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         seen.append(stage.name)
 
 
-# Each numeric stage setting's allowed range: (key, lowest, highest, whether the lowest itself is allowed).
+# Each numeric stage setting's allowed range: key, lowest, highest (None: no bound), and whether each bound itself
+# is allowed.
 STAGE_RANGES = (
-    ("steps", 0, None, True),
-    ("eval_every", 0, None, True),
-    ("checkpoint_every", 0, None, True),
-    ("stoch_depth", 0, 1, True),
-    ("dropout", 0, 1, True),
-    ("optim.lr", 0, None, False),
-    ("optim.weight_decay", 0, None, True),
-    ("optim.momentum", 0, 1, True),
-    ("optim.warmup_steps", 0, None, True),
-    ("optim.grad_clip", 0, None, True),
-    ("augment.randaugment_magnitude", 0, 30, True),  # torchvision's RandAugment has 31 magnitude bins
-    ("augment.mixup", 0, None, True),
-    ("augment.cutmix", 0, None, True),
-    ("augment.eval_resize", 0, None, False),
+    ("steps", 0, None, True, True),
+    ("eval_every", 0, None, True, True),
+    ("checkpoint_every", 0, None, True, True),
+    ("stoch_depth", 0, 1, True, False),  # 1 would drop every block
+    ("dropout", 0, 1, True, False),
+    ("optim.lr", 0, None, False, True),
+    ("optim.weight_decay", 0, None, True, True),
+    ("optim.momentum", 0, 1, True, False),
+    ("optim.warmup_steps", 0, None, True, True),
+    ("optim.grad_clip", 0, None, True, True),
+    ("augment.randaugment_magnitude", 0, 30, True, True),  # torchvision's RandAugment has 31 magnitude bins
+    ("augment.mixup", 0, None, True, True),
+    ("augment.cutmix", 0, None, True, True),
+    ("augment.eval_resize", 0, None, False, True),
 )
 
 
 def _check_ranges(stage: StageConfig, where: str, source: Path) -> None:
     """Numbers a stage would only reject inside its ranks (DeepSpeed's, torch's or our own errors) or accept and
-    train wrongly with: refused here, naming the key."""
-    for key, low, high, low_ok in STAGE_RANGES:
+    train wrongly with: refused here, naming the key (nan too)."""
+    for key, low, high, low_ok, high_ok in STAGE_RANGES:
         value: Any = stage
         for part in key.split("."):
             value = getattr(value, part)
-        if not (value > low or (low_ok and value == low)) or (high is not None and value > high) or value != value:
-            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        above = value >= low if low_ok else value > low
+        below = high is None or (value <= high if high_ok else value < high)
+        if not (above and below):
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and {'<=' if high_ok else '<'} {high}" if high else "")
             raise ConfigError(f"{source}: '{where}.{key}' is {value}; it must be {bound}")
-    if stage.stoch_depth >= 1 or stage.dropout >= 1:
-        raise ConfigError(f"{source}: '{where}': stoch_depth and dropout must be below 1 (every unit dropped)")
     low, high = stage.augment.crop_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"{source}: '{where}.augment.crop_scale' is [{low}, {high}]; it must be 0 < low <= high <= 1")
