@@ -279,6 +279,7 @@ class StageRunner:
         self.cfg, self.stage, self.env, self.engine, self.tracker = cfg, stage, env, engine, tracker
         self.layout, self.fingerprint = layout, fingerprint
         self.last_save = time.time()
+        self.final_tag: str | None = None  # the stage's last checkpoint, once `train` has saved or found it
         self.dataset = cfg.datasets[stage.dataset]
         self.spec = spec
         self.image_size = spec.image_size
