@@ -188,8 +188,11 @@ class Saver:
 
 
 def verify(directory: Path, tag: str, rank: int = 0, world_size: int = 1) -> None:
-    """Collective: every file of the checkpoint has the size and SHA-256 its manifest lists (ranks share the
-    hashing); otherwise `CheckpointError` on every rank, naming the files."""
+    """Collective: every file of the checkpoint has the size and SHA-256 its manifest lists, and every pickle in
+    it (listed or not: a universal conversion is made after the manifest) holds only what DeepSpeed's checkpoints
+    hold (`engine.safe_load`); the ranks share the work. Otherwise `CheckpointError` on every rank, naming the
+    files. A manifest proves integrity only, since whoever wrote the folder can rewrite it: the pickle check is
+    what keeps a foreign checkpoint from running code when DeepSpeed unpickles it."""
     manifest_path = directory / tag / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{directory / tag} has no {MANIFEST}: it is incomplete (a save was interrupted)")
@@ -203,9 +206,44 @@ def verify(directory: Path, tag: str, rank: int = 0, world_size: int = 1) -> Non
             problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
         elif _sha256(path) != digest:
             problems.append(f"{name} does not match its SHA-256 in the manifest")
+    for path in sorted((directory / tag).rglob("*.pt"))[rank::world_size]:
+        try:
+            _engine().safe_load(path, mmap=True)
+        except _engine().UnsafeCheckpoint as err:
+            problems.append(str(err))
+        except Exception as err:  # truncated or not a torch file: its size or digest is reported above, if listed
+            problems.append(f"{path.relative_to(directory / tag)} does not load: {str(err).splitlines()[0]}")
     problems = [p for part in dist.all_gather_objects(problems) for p in part]
     if problems:
         raise CheckpointError(f"checkpoint {directory / tag} is corrupt, refusing to load it: " + "; ".join(problems))
+
+
+def newest_verified(directory: Path, rank: int = 0, world_size: int = 1) -> tuple[str | None, list[str]]:
+    """Collective: the newest checkpoint under `directory` that `verify` passes (None if there is none at all),
+    and why each newer one was passed over. `latest` is a hint, not the rule: with it deleted, or with the newest
+    checkpoint damaged since, the stage continues from the next one instead of training from step 0 over its
+    checkpoints. Checkpoints that all fail are a `CheckpointError`, naming each."""
+    tags = complete_tags(directory)
+    skipped = []
+    pointed = latest_tag(directory)
+    if pointed is None and tags:
+        skipped.append(f"{directory / LATEST} is missing")
+    elif pointed is not None and pointed not in tags:
+        skipped.append(f"{directory / LATEST} names {pointed}, which has no {MANIFEST}")
+    for tag in reversed(tags):
+        try:
+            verify(directory, tag, rank, world_size)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        return tag, skipped
+    if tags:
+        raise CheckpointError(
+            f"none of the {len(tags)} checkpoints under {directory} can be loaded: "
+            + "; ".join(skipped)
+            + f"; move {directory} away to start the stage over"
+        )
+    return None, skipped
 
 
 def resume_source(resume_from: str) -> tuple[Path, str]:
@@ -288,10 +326,9 @@ def resume(
     world_size: int = 1,
     reshard: bool = False,
 ) -> dict:
-    """Collective: verify checkpoint `tag` under `directory`, check it against this config's fingerprint, then
-    load it (from its universal conversion when `reshard`: another number of ranks wrote it, and the engine was
-    built with `load_universal`); returns its client state."""
-    verify(directory, tag, rank, world_size)
+    """Collective: check checkpoint `tag` under `directory` (which `verify` passed) against this config's
+    fingerprint, then load it (from its universal conversion when `reshard`: another number of ranks wrote it, and
+    the engine was built with `load_universal`); returns its client state."""
     meta = json.loads((directory / tag / META).read_text())
     check_compatible(meta.get("fingerprint", {}), fingerprint)
     if reshard:

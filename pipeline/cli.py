@@ -25,10 +25,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import tracking
 
     cfg = load_config(args.config, args.overrides)  # fails here, before any process starts
+    stages.resolve_output_dir(cfg)
+    lock = stages.OutputLock(Path(cfg.output_dir), f"mixer run {args.config}")  # this run writes there alone
+    if not args.dry_run:
+        tracking.check_reachable(cfg.tracking)
     layout = stages.prepare(cfg, generate_data=not args.dry_run, description=read_header(args.config))
     if args.dry_run:
         return _print_plan(cfg)
-    results = stages.run_experiment(cfg, layout)
+    results = stages.run_experiment(cfg, layout, lock)
     table = Table(title=f"{cfg.name}: {layout.root}")
     for column in ("stage", "steps", "wall s", "train loss", "eval top1", "eval top5", "checkpoint", "MLflow run"):
         table.add_column(column)
@@ -44,6 +48,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             r.get("run_id") or "-",
         )
     console.print(table)
+    for r in results:
+        if r.get("data/bad_samples"):
+            console.print(
+                f"{r['stage']}: skipped {r['data/bad_samples']:.0f} unusable samples "
+                f"({r['data/bad_fraction']:.2%} of those read); each is named, with its shard, in "
+                f"data/bad_samples.jsonl among the artifacts of MLflow run {r.get('run_id') or '-'}"
+            )
     if cfg.tracking.enabled:
         experiment = cfg.tracking.experiment or cfg.name
         start, url = tracking.runs_view(cfg.tracking, experiment)
@@ -86,21 +97,46 @@ def _print_plan(cfg) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage, in every process that a launcher (torchrun, deepspeed, accelerate, srun) started."""
+    from pipeline.launch import die_with_parent
     from pipeline.train import Preempted, Preemption, run_stage
 
     Preemption.catch()  # a stop signal from here on is a request: set-up and failure handling run to their end
+    die_with_parent()  # that request also comes when the launcher dies
     cfg = load_config(args.config, args.overrides)
     try:
         run_stage(cfg, args.name, args.parent_run_id)
     except Preempted:
         return REQUEUE_EXIT  # checkpoint saved; the scheduler should run this again
-    except BaseException:
+    except BaseException as err:
         if args.submitted:  # a cluster job: nobody else will close the experiment's run
             _close_parent(cfg, args.parent_run_id, "FAILED")
-        raise
+        if not isinstance(err, Exception):
+            raise
+        _report_rank_error(cfg, args.name, err)
+        return 1
     if args.submitted and args.last:
         _close_parent(cfg, args.parent_run_id, "FINISHED")
     return 0
+
+
+def _report_rank_error(cfg, stage: str, err: Exception) -> None:
+    """A rank's error as one line on the console, naming the rank and the stage; the traceback goes to the stage's
+    `errors/rank<r>.txt` (whose first line is that line) for `mixer run` to name the first failure."""
+    import traceback
+
+    from pipeline.layout import RunLayout
+
+    rank = dist.read_env("cpu").rank
+    message = str(err).strip().replace("\n", " ")
+    line = f"rank {rank}, stage {stage}: {type(err).__name__}: {message}"
+    path = RunLayout(Path(cfg.output_dir)).stage(stage).error_file(rank)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(line + "\n\n" + "".join(traceback.format_exception(err)))
+        where = f" (traceback: {path})"
+    except OSError:
+        where = "\n" + "".join(traceback.format_exception(err))  # nowhere to keep it: on the console, then
+    print(f"mixer: error: {line}{where}", file=sys.stderr)
 
 
 def _close_parent(cfg, run_id: str | None, status: str) -> None:

@@ -7,9 +7,11 @@ import dataclasses
 import io
 import logging
 import os
+import pickle
 import re
 import subprocess
 import sys
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,11 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402  (after the logger is quietened: it logs on import)
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
 from deepspeed.runtime.zero import stage3, stage_1_and_2  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils import logging as ds_logging  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 ds_logging.set_log_level_from_string("error")
@@ -197,6 +202,7 @@ def build_engine(
     if stage.kind == "eval":
         with _quiet():
             engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
         return engine
     groups = param_groups(model, stage.optim.weight_decay)
     client_optimizer = None
@@ -212,6 +218,7 @@ def build_engine(
         engine.compile()  # DeepCompile's backend: Inductor, with ZeRO's gathers, releases and reductions in the graph
         drop_persistent_gather(engine)
     skip_steps_on_device(engine)
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine
 
 
@@ -396,7 +403,43 @@ def skipped_steps(engine: Engine) -> int:
     return int(engine.skipped_steps) + (0 if counted is None else int(counted.item()))
 
 
-class BackgroundCheckpointEngine(TorchCheckpointEngine):
+# What DeepSpeed's checkpoint files hold besides tensors, numbers, strings and containers (which torch's
+# weights_only unpickler allows by default): read off every file its ZeRO-0..3 saves (bf16 and fp32) and its
+# universal conversion write, with torch.serialization.get_unsafe_globals_in_checkpoint. Nothing else may be
+# unpickled: a checkpoint folder from elsewhere is data, and a pickle naming any other global is refused unread.
+CHECKPOINT_TYPES = (LossScaler, ZeroStageEnum, fragment_address)
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint file whose pickle names a function or class that no DeepSpeed checkpoint holds."""
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """torch.load with weights_only=True and `CHECKPOINT_TYPES` allowed; `UnsafeCheckpoint` naming the file and
+    the global otherwise. With `mmap`, tensors stay on disk (a cheap full check of a large file's pickle)."""
+    mmap = mmap and zipfile.is_zipfile(path)  # torch can map only its zip format, not the legacy one
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_TYPES)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # torch's message: a paragraph of advice, then what it refused ("... GLOBAL posix.system whose ...").
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        what = found.group(1) if found else lines[min(1, len(lines) - 1)]
+        raise UnsafeCheckpoint(
+            f"{path} is not a checkpoint file this pipeline wrote: its pickle asks for {what}, which no DeepSpeed "
+            "checkpoint holds; refusing to unpickle it (loading it could run code of the file's author's choosing)"
+        ) from None
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's file reader and writer, reading with `safe_load` (DeepSpeed's own unpickles anything)."""
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location)
+
+
+class BackgroundCheckpointEngine(SafeCheckpointEngine):
     """DeepSpeed's file writer, made non-blocking: `save` copies the state into host buffers (the only part the
     training loop waits for) and a background thread serialises and writes it. `wait` blocks until every file
     handed over so far is on disk and returns their paths.
@@ -416,7 +459,7 @@ class BackgroundCheckpointEngine(TorchCheckpointEngine):
         snapshot = self._host_copy(state_dict, (Path(path).name,))
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies into pinned buffers are asynchronous
-        self._pending.append((path, self._writer.submit(TorchCheckpointEngine.save, self, snapshot, path)))
+        self._pending.append((path, self._writer.submit(SafeCheckpointEngine.save, self, snapshot, path)))
 
     def wait(self) -> list[Path]:
         pending, self._pending = self._pending, []
@@ -509,10 +552,10 @@ def to_universal(checkpoint_dir: Path, out_dir: Path) -> None:
 
 def consolidated_state_dict(directory: Path, tag: str, zero_stage: int = 1) -> dict[str, torch.Tensor]:
     """fp32 weights of one checkpoint: gathered from the per-rank shards (ZeRO >= 1), or the one model file that
-    plain data parallelism writes (ZeRO-0). Only for checkpoints whose manifest was verified: DeepSpeed's files
-    are pickles."""
+    plain data parallelism writes (ZeRO-0). Only for checkpoints that `pipeline.checkpoint.verify` passed:
+    DeepSpeed's consolidation unpickles its files unchecked."""
     if zero_stage == 0:
-        state = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = safe_load(directory / tag / "mp_rank_00_model_states.pt")
         return {k: v.float() for k, v in state["module"].items()}
     with _quiet():
         state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)

@@ -10,10 +10,19 @@ signals after the first are ignored, so the workers get the whole shutdown time 
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+import signal
+import sys
 from types import FrameType
 
 from torch.distributed import run
 from torch.distributed.elastic.multiprocessing import api
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+PARENT_PID = "MIXER_PARENT_PID"  # set by `mixer run` for its stage launchers: the process they must not outlive
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 _torchrun_handler = api._terminate_process_handler
 _received: list[int] = []
@@ -26,10 +35,34 @@ def _first_signal_only(signum: int, frame: FrameType | None) -> None:
     _torchrun_handler(signum, frame)
 
 
+def die_with_parent(expected_parent: int | None = None) -> None:
+    """SIGTERM to this process when its parent exits, however the parent ends (Linux's PR_SET_PDEATHSIG; nothing
+    elsewhere): a launcher whose `mixer run` was killed stops its ranks, and a rank whose launcher was killed saves
+    and stops, instead of training on unwatched beside the rerun. If the parent is already gone (not
+    `expected_parent`, or adopted by init), the signal is raised at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    parent = os.getppid()
+    if parent == 1 or (expected_parent is not None and parent != expected_parent):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> None:
+    expected = os.environ.pop(PARENT_PID, None)  # not passed on to the ranks, whose parent is this process
     # torchrun installs `api._terminate_process_handler` when it starts its workers; it looks the name up then.
     api._terminate_process_handler = _first_signal_only
-    run.main()
+    die_with_parent(int(expected) if expected else None)
+    # Each failed rank says what failed in one line (`mixer stage`); torchrun's report of which ranks exited and
+    # how (thirty lines and a traceback of its own) would bury it, so a failure is only an exit status here.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        run.main()
+    except ChildFailedError as err:
+        codes = [failure.exitcode for failure in err.failures.values()]
+        sys.exit(next((code for code in codes if code > 0), 1))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 <output_dir>/config.yaml                      the resolved config every stage reads
 <output_dir>/parent_run_id                    the experiment's MLflow run (reused on rerun)
+<output_dir>/lock                             held by the one `mixer run` writing here (and its launcher); says who
 <output_dir>/stages/<stage>/deepspeed.json    the DeepSpeed config generated for the stage
 <output_dir>/stages/<stage>/checkpoints/      DeepSpeed's sharded checkpoints (one file per rank)
 <output_dir>/stages/<stage>/model.safetensors consolidated fp32 weights (+ model.json), no DeepSpeed needed
 <output_dir>/stages/<stage>/run_id            the stage's MLflow run (reused on rerun)
+<output_dir>/stages/<stage>/errors/           a failed rank's error in one line, then its traceback
 <output_dir>/stages/<stage>/result.json       written last: the stage finished
 """
 
@@ -27,6 +29,10 @@ class RunLayout:
     @property
     def parent_run_id(self) -> Path:
         return self.root / "parent_run_id"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
 
     @property
     def data_index(self) -> Path:
@@ -65,6 +71,21 @@ class StageLayout:
     def preempted(self) -> Path:
         """Holds the step at which the stage saved and stopped on a scheduler's signal; removed on resume."""
         return self.root / "preempted"
+
+    @property
+    def errors(self) -> Path:
+        """`rank<r>.txt` for each rank of the last attempt that failed: one line saying what, then the traceback."""
+        return self.root / "errors"
+
+    def error_file(self, rank: int) -> Path:
+        return self.errors / f"rank{rank:05d}.txt"
+
+    def first_error(self) -> str | None:
+        """The one-line error of the rank that failed first (the others often fail only because it did)."""
+        files = (
+            sorted(self.errors.glob("rank*.txt"), key=lambda p: p.stat().st_mtime_ns) if self.errors.is_dir() else []
+        )
+        return files[0].read_text().split("\n", 1)[0] if files else None
 
     @property
     def result(self) -> Path:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from pipeline.data import synthetic
 from pipeline.data.shards import INDEX_NAME, read_index
 from pipeline.data.sources import DataError, prepare_sources
 from pipeline.data.stream import stream_plan
+from pipeline.launch import PARENT_PID
 from pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -36,16 +39,18 @@ REQUEUE_EXIT = 75
 
 
 class StagePreempted(RuntimeError):
-    def __init__(self, stage: str, step: str) -> None:
+    def __init__(self, stage: str, step: str | None) -> None:
+        where = "at its end, the stage complete" if step is None else f"at step {step} after saving a checkpoint"
         super().__init__(
-            f"stage {stage!r} stopped on a signal at step {step} after saving a checkpoint; "
-            f"run the same command again to resume (exit status {REQUEUE_EXIT})"
+            f"stage {stage!r} stopped on a signal {where}; run the same command again to resume (exit status "
+            f"{REQUEUE_EXIT})"
         )
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int) -> None:
-        super().__init__(f"stage {stage!r} failed (exit status {returncode}); its ranks' errors are above")
+    def __init__(self, stage: str, returncode: int, first_error: str | None = None) -> None:
+        cause = f": {first_error}" if first_error else "; its ranks' errors are above"
+        super().__init__(f"stage {stage!r} failed (exit status {returncode}){cause}")
         self.stage = stage
         self.returncode = returncode
 
@@ -53,6 +58,35 @@ class StageFailed(RuntimeError):
 def resolve_output_dir(cfg: ExperimentConfig) -> None:
     """Default `runs/<name>`; made absolute so every rank and every node agree on it."""
     cfg.output_dir = str(Path(cfg.output_dir or Path("runs") / cfg.name).resolve())
+
+
+class OutputLock:
+    """The one writer of an `output_dir`: an exclusive `flock` on `<output_dir>/lock`, which also says who holds it.
+
+    Two `mixer run`s of one config at once would create two parent runs, overwrite each other's results and
+    register two model versions. The lock is released when its holder exits, however it ends (the kernel drops
+    it); stage launchers inherit it, so a launcher still shutting down its ranks keeps a rerun out until it has.
+    """
+
+    def __init__(self, root: Path, command: str) -> None:
+        path = RunLayout(root).lock
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(f"'output_dir' {root} cannot be written: {err}") from err
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a process that has not said who it is"
+            os.close(self.fd)
+            raise ConfigError(
+                f"'output_dir' {root} is in use by {holder}: wait for it to end (or stop it), or give this run "
+                "another output_dir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {since} ({command})\n".encode())
 
 
 def prepare(cfg: ExperimentConfig, generate_data: bool = True, description: str = "") -> RunLayout:
@@ -183,8 +217,9 @@ def log_stage_summary(parent: tracking.NullTracker, stage: str, result: dict) ->
     parent.log_metrics({f"{stage}/{k}": v for k, v in result.items() if k.startswith(("eval/", "train/"))}, step=0)
 
 
-def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
-    """Every stage in order; a finished stage (its result.json exists) is not run again."""
+def run_experiment(cfg: ExperimentConfig, layout: RunLayout, lock: OutputLock | None = None) -> list[dict]:
+    """Every stage in order; a finished stage (its result.json exists) is not run again. Each stage's launcher
+    inherits `lock`."""
     parent = open_parent(cfg, layout)
     results = []
     try:
@@ -195,15 +230,20 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
                 cmd = launch_command(cfg, layout.config, stage, parent.run_id)
                 started = time.time()
                 stage_layout.preempted.unlink(missing_ok=True)
-                returncode = _launch(cmd, stage_env(cfg))
+                shutil.rmtree(stage_layout.errors, ignore_errors=True)  # an earlier attempt's
+                returncode, signalled = _launch(cmd, stage_env(cfg), () if lock is None else (lock.fd,))
                 if stage_layout.preempted.exists():
                     raise StagePreempted(stage.name, stage_layout.preempted.read_text().strip())
-                if returncode != 0:
-                    raise StageFailed(stage.name, returncode)
+                # The result is written once the stage's work is done: it stands even where torchrun, stopped by
+                # the same signal, exits non-zero (an evaluation that finished before it got to a step to stop at).
                 done = stage_layout.read_result()
                 if done is None:
-                    raise StageFailed(stage.name, returncode)
+                    raise StageFailed(stage.name, returncode, stage_layout.first_error())
                 done["wall_s"] = round(time.time() - started, 1)  # launch to exit, start-up included
+                if signalled and stage is not cfg.stages[-1]:
+                    results.append(done)
+                    log_stage_summary(parent, stage.name, done)
+                    raise StagePreempted(stage.name, None)
             results.append(done)
             log_stage_summary(parent, stage.name, done)
     except (KeyboardInterrupt, StagePreempted):
@@ -216,13 +256,16 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout) -> list[dict]:
     return results
 
 
-def _launch(cmd: list[str], env: dict[str, str]) -> int:
-    """Run a stage's launcher; SIGTERM/SIGUSR1 to this process are passed on to it once, as SIGTERM.
+def _launch(cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> tuple[int, bool]:
+    """Run a stage's launcher; SIGTERM/SIGUSR1 to this process are passed on to it once, as SIGTERM. Returns its
+    exit status and whether a signal was passed on.
 
     The launcher gets a session of its own, so a signal to this process group reaches it only through here; torchrun
-    then gives every rank SIGTERM and time to finish its step and save.
+    then gives every rank SIGTERM and time to finish its step and save. If this process dies first (SIGKILL), the
+    launcher gets that SIGTERM from the kernel (`pipeline.launch`): no stage trains on with nobody waiting for it.
     """
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    env = {**env, PARENT_PID: str(os.getpid())}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=pass_fds)
     forwarded = False
 
     def forward(signum: int, frame: object) -> None:
@@ -233,7 +276,7 @@ def _launch(cmd: list[str], env: dict[str, str]) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return proc.wait()
+        return proc.wait(), forwarded
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

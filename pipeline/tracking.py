@@ -9,13 +9,15 @@ import logging
 import os
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import ExperimentConfig, TrackingConfig
+from pipeline.config import ConfigError, ExperimentConfig, TrackingConfig
 
 DEFAULT_STORE = Path("runs") / "mlflow.db"
 # The run's description in MLflow's UI (its "Description" box, Markdown).
@@ -189,15 +191,11 @@ class MlflowTracker(NullTracker):
     dropped (a warning, and the run's `tracking/dropped_values` tag when the server is back)."""
 
     def __init__(self, client: Any, run_id: str, flush_timeout_s: float = 120.0) -> None:
-        # The sender retries failed calls itself for as long as it takes. MLflow's own HTTP retries (7 by default,
-        # backing off to a minute and more inside one call) would only keep it from seeing that the server is back,
-        # past the ~30 s a preempted job has before it is killed. Set in the environment, these settings win.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self.client = client
         self.run_id = run_id
         self.flush_timeout_s = flush_timeout_s
         self.sender = _Sender(lambda metrics: self.client.log_batch(self.run_id, metrics=metrics))
+        self.logged_through: dict[str, int] = {}  # a continued run: the last step of each metric it already has
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -211,7 +209,11 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)  # the time it was measured, however late it reaches the server
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        # A stage resumed from its checkpoint replays the steps it had logged after it before it was killed; the
+        # run keeps the values it has (a resume replays them exactly) instead of getting each step twice.
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.logged_through.get(k, -1)]
+        if not batch:
+            return
         self.sender.submit_metrics(batch)
 
     def log_artifact(self, path: Path) -> None:
@@ -280,8 +282,37 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{DEFAULT_STORE.resolve()}"
 
 
+def check_reachable(cfg: TrackingConfig, timeout_s: float = 10.0) -> None:
+    """Before launch: a tracking server that does not answer is a `ConfigError` naming it, within seconds. (Once
+    runs exist, an outage only delays what the sender queues; but creating them has to reach the server, and
+    MLflow's own retries would keep a launch waiting minutes with nothing on the console.) Any HTTP answer counts:
+    a server behind authentication answers too."""
+    if not cfg.enabled:
+        return
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return  # a database or a folder: opened where it is used
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"the MLflow tracking server {uri} does not answer ({reason}): start it, point tracking.uri or "
+            "MLFLOW_TRACKING_URI at one that runs, or set tracking.enabled=false"
+        ) from None
+
+
 def open_client(uri: str) -> Any:
-    """An MlflowClient on `uri`, with MLflow's start-up chatter quietened."""
+    """An MlflowClient on `uri`, with MLflow's start-up chatter quietened.
+
+    The sender (`_Sender`) retries failed calls itself for as long as it takes. MLflow's own HTTP retries (7 by
+    default, backing off to a minute and more inside one call) would only keep it from seeing that the server is
+    back, past the ~30 s a preempted job has before it is killed, and would hold a rank's start for minutes on a
+    server that is down. Set in the environment, these settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     from mlflow.tracking import MlflowClient
 
     # MLflow and Alembic announce every schema migration of a new SQLite store at INFO.
@@ -322,6 +353,10 @@ def _run(cfg: ExperimentConfig, id_file: Path, run_name: str, tags: dict[str, st
         client.update_run(run_id, status="RUNNING")
         tracker = MlflowTracker(client, run_id, cfg.tracking.flush_timeout_s)
         tracker.resumed = True
+        tracker.logged_through = {
+            key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics
+        }
         tracker.set_tags({"resumed": "true"})
         return tracker
     experiment_id = _experiment_id(client, cfg.tracking.experiment or cfg.name, uri)

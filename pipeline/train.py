@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -33,6 +34,8 @@ from pipeline.fewshot import fewshot_accuracy
 from pipeline.flops import peak_flops, train_flops_per_image
 from pipeline.layout import RunLayout, StageLayout
 from pipeline.models.mixer import MixerSpec, MlpMixer
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -123,13 +126,17 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     # Resume precedence (see pipeline.checkpoint):
     # 1. the stage's own latest complete checkpoint, 2. resume_from (full state), 3. init_from (weights only),
     # 4. scratch.
+    # Each checkpoint is verified (checksums, and pickles holding only what DeepSpeed's do) before it is chosen.
     resume_at: tuple[Path, str] | None = None
     if stage.kind != "eval":
-        own = checkpoint.latest_tag(layout.checkpoints)
+        own, passed_over = checkpoint.newest_verified(layout.checkpoints, env.rank, env.world_size)
         if own is not None:
             resume_at = (layout.checkpoints, own)
+            if passed_over and env.is_primary:
+                log.warning("stage %s resumes from %s, not a newer one: %s", stage.name, own, "; ".join(passed_over))
         elif stage.resume_from is not None:
             resume_at = checkpoint.resume_source(stage.resume_from)
+            checkpoint.verify(*resume_at, env.rank, env.world_size)
     if resume_at is None and stage.init_from is not None:
         source = checkpoint.init_source(stage.init_from, RunLayout(Path(cfg.output_dir)))
         checkpoint.init_weights(model, source, new_head=stage.kind == "finetune")
@@ -437,9 +444,10 @@ class StageRunner:
                     "train/skipped_steps": eng.skipped_steps(self.engine),  # inf/nan gradients: step not applied
                 }
                 self.tracker.log_metrics(metrics, step)
-                bar.set_postfix(
-                    loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}", img_s=f"{metrics['train/img_per_s']:.0f}"
-                )
+                shown = {"loss": f"{mean_loss:.4f}", "lr": f"{metrics['train/lr']:.2e}", "img_s": f"{img_per_s:.0f}"}
+                if metrics["data/bad_samples"]:
+                    shown["skipped"] = f"{metrics['data/bad_samples']:.0f} bad"
+                bar.set_postfix(shown)
                 loss_sum.zero_()
                 window_start, window_steps = time.time(), 0
             if stage.eval_every and step % stage.eval_every == 0 and step != stage.steps:

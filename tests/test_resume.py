@@ -59,8 +59,11 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     resume_step = next((step for step in range(4, 24, 4) if checkpoint.tag_for(step) == tag), None)
     assert resume_step is not None, tag  # a checkpoint of this run (every 4 steps), not its end
 
+    # Without `latest` (deleted by hand), the rerun finds the newest checkpoint that verifies all the same.
+    (checkpoints / "latest").unlink()
     resumed = run_mixer(*_args(tmp_path, "killed"), env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumes from {tag}" in resumed.stderr and "latest is missing" in resumed.stderr
     run = MlflowClient(uri).get_run((stage / "run_id").read_text().strip())
     assert run.data.tags["resumed_from"].endswith(tag)
 
@@ -70,6 +73,9 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     straight_losses = _losses(uri, tmp_path / "straight" / "stages" / "pretrain")
     killed_losses = _losses(uri, stage)
     assert sorted(straight_losses) == list(range(1, 25))
+    # Steps logged between the checkpoint and the kill are not logged again when the resume replays them.
+    logged = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(logged) == list(range(1, 25)), logged
     after = [s for s in straight_losses if s > resume_step]
     assert [killed_losses[s] for s in after] == [straight_losses[s] for s in after]
 
@@ -137,6 +143,11 @@ def test_a_failing_final_evaluation_keeps_the_training_and_a_rerun_only_evaluate
     failed = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
     assert failed.returncode != 0 and "more than the index allows" in failed.stderr, failed.stderr[-3000:]
     stage = tmp_path / "run" / "stages" / "pretrain"
+    # What failed, where, in one line per rank and one for the stage; the tracebacks go to files, not the console.
+    assert "Traceback" not in failed.stderr and "ChildFailedError" not in failed.stderr, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("mixer: error: stage 'pretrain' failed (exit status 1): rank ") and "RuntimeError" in last
+    assert "Traceback" in (stage / "errors" / "rank00000.txt").read_text()
     assert checkpoint.latest_tag(stage / "checkpoints") == checkpoint.tag_for(24)  # the training is kept
     assert not (stage / "result.json").exists()
 

@@ -156,6 +156,7 @@ class GpuAugment:
         self.size, self.device = image_size, device
         self.randaugment = v2.RandAugment(2, cfg.randaugment_magnitude) if cfg.randaugment_magnitude > 0 else None
         self.failed = 0  # JPEGs nvJPEG refused; each was replaced by another image of its batch
+        self.last_failed: list[int] = []  # their places in the last batch `crops` made
 
     def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if not encoded:
@@ -187,6 +188,7 @@ class GpuAugment:
         for i, pixels in batch["pixels"]:
             images[i] = pixels.to(self.device, non_blocking=True)
         good = [i for i, image in enumerate(images) if image is not None]
+        self.last_failed = [i for i, image in enumerate(images) if image is None]
         if not good:
             raise BadSample("no image of the batch decodes")
         self.failed += n - len(good)
@@ -228,18 +230,24 @@ class Prefetched:
 
     def _load(self) -> tuple:
         batch, labels = next(self.stream)
+        keys = list(self.stream.last_keys)
+        if self.side is None:  # on the CPU (tests): the same hand-over, without streams
+            images, ready = self.augment.crops(batch), None
+        else:
+            # nvJPEG writes on a stream of its own, into memory allocated on this one: memory freed here by the last
+            # batch's kernels, still queued, must not be handed to it.
+            self.side.synchronize()
+            with torch.cuda.stream(self.side):
+                images = self.augment.crops(batch)
+                labels = labels.to(self.augment.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+        # A JPEG whose header reads but whose data does not decode is a bad sample too, counted with the others.
+        undecoded = [keys[i].rpartition("#") for i in self.augment.last_failed]
+        reason = "image does not decode (nvJPEG); replaced by another of its batch"
+        self.stream.count_bad([{"url": url, "key": key, "reason": reason, "count": 1} for url, _, key in undecoded])
         state, events = self.stream.state(), list(self.stream.new_bad)
         self.stream.new_bad.clear()
-        if self.side is None:  # on the CPU (tests): the same hand-over, without streams
-            return self.augment.crops(batch), labels, state, events, None
-        # nvJPEG writes on a stream of its own, into memory allocated on this one: memory freed here by the last
-        # batch's kernels, still queued, must not be handed to it.
-        self.side.synchronize()
-        with torch.cuda.stream(self.side):
-            images = self.augment.crops(batch)
-            labels = labels.to(self.augment.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
         return images, labels, state, events, ready
 
     def __iter__(self) -> Prefetched:

@@ -19,7 +19,8 @@ Training (`TrainStream`), per rank:
 - Augmentation randomness is seeded per batch from (seed, epoch, rank, worker, batch): replays are identical.
 - Bad data (a shard that will not open after retries, an unreadable member, a shard shorter than its index, an image
   that does not decode, a missing label) is skipped and reported with its shard and key; when more than
-  `max_bad_fraction` of the samples read are bad (checked after the first 1,000), the run stops with `DataError`.
+  `max_bad_fraction` of the samples read are bad, the run stops with `DataError` (judged once 1,000 samples are
+  read or 20 are bad, so that a few bad samples early in a long run do not stop it, and a short run is judged too).
 
 `TrainStream.state()` is the position to checkpoint. Loaded on the same layout (world size, workers, batch, seed,
 sources), it continues exactly. On another layout it is remapped by global sample count: the run continues at the
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) uint8, labels (B,) int64
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 LABEL_KEYS = ("label", "cls", "class")
-CHECK_BAD_AFTER = 1000  # samples read before the bad-data fraction is enforced
+CHECK_BAD_AFTER = 1000  # samples read before the bad-data fraction is enforced, ...
+CHECK_BAD_FROM = 20  # ... or bad samples seen, whichever comes first
 STATE_VERSION = 1
 
 
@@ -545,19 +547,26 @@ class TrainStream:
         self.places[item["worker"]] = item["place"]
         self.last_keys = item["keys"]
         self.read += len(item["keys"])
-        for event in item["bad"]:
+        self.count_bad(item["bad"], read=True)
+        return item["images"], item["labels"]
+
+    def count_bad(self, events: list[dict], read: bool = False) -> None:
+        """Count bad samples (`{"url", "key", "reason", "count"}`), found by the workers (`read`: not among the
+        samples counted as read yet) or later, by the caller (an image that the GPU could not decode); then stop
+        with `DataError` if there are too many."""
+        for event in events:
             self.bad += event["count"]
-            self.read += event["count"]
+            self.read += event["count"] if read else 0
             self.bad_by_shard[event["url"]] += event["count"]
             self.new_bad.append(event)
-        if self.read >= CHECK_BAD_AFTER and self.bad > self.max_bad_fraction * self.read:
+        judged = self.read >= CHECK_BAD_AFTER or self.bad >= CHECK_BAD_FROM
+        if judged and self.bad > self.max_bad_fraction * self.read:
             worst = ", ".join(f"{url} ({n})" for url, n in self.bad_by_shard.most_common(3))
             raise DataError(
                 f"rank {self.plan.rank}: {self.bad} of {self.read} samples read are bad "
                 f"({self.bad / self.read:.1%} > data.max_bad_fraction {self.max_bad_fraction:.1%}); worst shards: "
                 f"{worst}"
             )
-        return item["images"], item["labels"]
 
     def state(self) -> dict:
         """This rank's position, JSON-serialisable, for the checkpoint."""

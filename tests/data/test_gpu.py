@@ -137,3 +137,35 @@ def test_prefetched_stream_hands_out_the_same_batches_and_the_position_of_those(
     resumed.close()
     for (a, la), (b, lb) in zip(head + tail, reference, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_jpegs_that_only_the_gpu_finds_undecodable_are_bad_samples_and_stop_the_run(tmp_path, shapes_shards):
+    """A JPEG whose header reads passes the worker (which reads only the header on this path); when its data then
+    fails to decode on the device it is counted, named and judged like any other bad sample, not silently replaced."""
+    from pipeline.data.sources import DataError, Source
+
+    samples = [dict(s) for s in wds.WebDataset(read_index(shapes_shards).urls, shardshuffle=False)][:200]
+    shard = tmp_path / "cut.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i, s in enumerate(samples):
+            jpg = s["jpg"][:-60] if i % 8 == 5 else s["jpg"]  # 1 in 8: the header parses, the body does not
+            sink.write({"__key__": s["__key__"], "jpg": jpg, "cls": s["cls"]})
+    source = Source("cut", (str(shard),), (200,))
+    cfg = AugmentConfig(crop="resize", flip=False)
+    augment = GpuAugment(cfg, 16, torch.device("cpu"))
+
+    plan = StreamPlan((source,), "split", 0, 1, 0, 8, 2, 50, 200)
+    stream = Prefetched(TrainStream(plan, GpuPrepare(cfg), collate=pack, max_bad_fraction=1.0), augment)
+    for _ in range(4):
+        next(stream)
+    events = list(stream.new_bad)
+    stream.close()
+    assert stream.bad == len(events) > 0 and all("nvJPEG" in e["reason"] for e in events)
+    assert {e["key"] for e in events} <= {s["__key__"] for i, s in enumerate(samples) if i % 8 == 5}
+    assert all(e["url"] == str(shard) for e in events)
+
+    stream = Prefetched(TrainStream(plan, GpuPrepare(cfg), collate=pack, max_bad_fraction=0.01), augment)
+    with pytest.raises(DataError, match=r"samples read are bad .* > data.max_bad_fraction"):
+        for _ in range(25):  # 12.5% bad: judged once 20 are bad, at 160 samples read
+            next(stream)
+    stream.close()
