@@ -288,3 +288,64 @@ def test_data_problems_visible_before_launch_stop_it(tmp_path, override, message
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out" / "stages").exists()
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a crafted checkpoint file would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _copied_checkpoints(tiny_run, tmp_path):
+    source = tiny_run[0] / "out" / "stages" / "pretrain" / "checkpoints"
+    return Path(shutil.copytree(source, tmp_path / "checkpoints"))
+
+
+def test_a_foreign_pickle_in_a_checkpoint_is_refused_and_never_run(tiny_run, tmp_path):
+    from pipeline import checkpoint
+    from pipeline.engine import SafeCheckpointEngine, UnsafeCheckpoint, consolidated_state_dict
+
+    checkpoints = _copied_checkpoints(tiny_run, tmp_path)
+    marker = tmp_path / "payload-ran"
+    tag = checkpoints / "step-00000006"
+    planted = tag / "mp_rank_00_model_states.pt"
+    torch.save({"module": _Payload(marker)}, planted)
+    manifest = json.loads((tag / "manifest.json").read_text())  # whoever wrote the folder can rewrite this too
+    manifest["files"][planted.name] = [planted.stat().st_size, hashlib.sha256(planted.read_bytes()).hexdigest()]
+    (tag / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CheckpointError, match="asks for posix.system"):
+        checkpoint.export_checkpoint(checkpoints, tmp_path / "w.safetensors")
+    with pytest.raises(UnsafeCheckpoint):
+        consolidated_state_dict(checkpoints, tag.name, zero_stage=0)
+    with pytest.raises(UnsafeCheckpoint):
+        SafeCheckpointEngine().load(str(planted))
+    # A file the manifest does not list (a planted universal conversion) is checked as well.
+    other = checkpoints / "step-00000003"
+    (other / "universal" / "zero" / "head.weight").mkdir(parents=True)
+    torch.save(_Payload(marker), other / "universal" / "zero" / "head.weight" / "fp32.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="asks for posix.system"):
+        checkpoint.verify(checkpoints, other.name)
+    assert not marker.exists()
+
+
+def test_the_newest_checkpoint_that_verifies_is_resumed_when_latest_is_gone_or_the_newest_damaged(tiny_run, tmp_path):
+    from pipeline import checkpoint
+
+    checkpoints = _copied_checkpoints(tiny_run, tmp_path)
+    assert checkpoint.newest_verified(checkpoints) == ("step-00000006", [])
+    (checkpoints / "latest").unlink()
+    tag, passed_over = checkpoint.newest_verified(checkpoints)
+    assert tag == "step-00000006" and "latest is missing" in passed_over[0]
+    damaged = next((checkpoints / "step-00000006").glob("*optim_states.pt"))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    tag, passed_over = checkpoint.newest_verified(checkpoints)
+    assert tag == "step-00000003" and any("step-00000006" in p and damaged.name in p for p in passed_over)
+    (checkpoints / "step-00000003" / "meta.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="none of the 2 checkpoints"):
+        checkpoint.newest_verified(checkpoints)

@@ -8,6 +8,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from pipeline.tracking import _Sender
+from tests.conftest import REPO
 
 
 class Store:
@@ -88,3 +89,19 @@ def test_flush_cuts_a_back_off_short_when_the_store_is_back():
     started = time.monotonic()
     assert sender.flush(1.0), "flush woke the sender, which sent at once"
     assert time.monotonic() - started < 1.0 and store.calls == [[1]]
+
+
+def test_a_tracking_server_that_does_not_answer_stops_the_launch_within_seconds(tmp_path, monkeypatch, capsys):
+    import time
+
+    from pipeline import cli
+    from pipeline.dist import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    code = cli.main(["run", str(REPO / "tests" / "configs" / "tiny.yaml"), f"output_dir={tmp_path}/out"])
+    assert code == 2 and time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and uri in err[0] and "does not answer" in err[0]
+    assert not (tmp_path / "out" / "stages").exists()
