@@ -264,8 +264,10 @@ def test_a_corrupt_or_incompatible_checkpoint_is_refused_with_what_differs(tiny_
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
+    # The damaged newest checkpoint is passed over, naming the file; the stage continues from the one before.
     result = run_mixer(*args, env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode != 0
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumes from step-00000003, not a newer one" in result.stderr
     assert "is corrupt, refusing to load it" in result.stderr and shard.name in result.stderr
 
 
