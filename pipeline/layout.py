@@ -82,9 +82,7 @@ class StageLayout:
 
     def first_error(self) -> str | None:
         """The one-line error of the rank that failed first (the others often fail only because it did)."""
-        files = (
-            sorted(self.errors.glob("rank*.txt"), key=lambda p: p.stat().st_mtime_ns) if self.errors.is_dir() else []
-        )
+        files = sorted(self.errors.glob("rank*.txt"), key=lambda p: p.stat().st_mtime_ns)  # none: no folder
         return files[0].read_text().split("\n", 1)[0] if files else None
 
     @property

@@ -226,6 +226,7 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout, lock: OutputLock | 
         for stage in cfg.stages:
             stage_layout = layout.stage(stage.name)
             done = stage_layout.read_result()
+            signalled = False
             if done is None:
                 cmd = launch_command(cfg, layout.config, stage, parent.run_id)
                 started = time.time()
@@ -240,12 +241,10 @@ def run_experiment(cfg: ExperimentConfig, layout: RunLayout, lock: OutputLock | 
                 if done is None:
                     raise StageFailed(stage.name, returncode, stage_layout.first_error())
                 done["wall_s"] = round(time.time() - started, 1)  # launch to exit, start-up included
-                if signalled and stage is not cfg.stages[-1]:
-                    results.append(done)
-                    log_stage_summary(parent, stage.name, done)
-                    raise StagePreempted(stage.name, None)
             results.append(done)
             log_stage_summary(parent, stage.name, done)
+            if signalled and stage is not cfg.stages[-1]:
+                raise StagePreempted(stage.name, None)
     except (KeyboardInterrupt, StagePreempted):
         parent.finish("KILLED")
         raise

@@ -187,11 +187,11 @@ class GpuAugment:
             images[i] = image
         for i, pixels in batch["pixels"]:
             images[i] = pixels.to(self.device, non_blocking=True)
-        good = [i for i, image in enumerate(images) if image is not None]
         self.last_failed = [i for i, image in enumerate(images) if image is None]
+        good = [i for i, image in enumerate(images) if image is not None]
         if not good:
             raise BadSample("no image of the batch decodes")
-        self.failed += n - len(good)
+        self.failed += len(self.last_failed)
         sources = [i if images[i] is not None else good[i % len(good)] for i in range(n)]
         return resized_crops([images[i] for i in sources], params[sources], self.size)
 
