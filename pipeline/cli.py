@@ -128,15 +128,14 @@ def _report_rank_error(cfg, stage: str, err: Exception) -> None:
 
     rank = dist.read_env("cpu").rank
     message = str(err).strip().replace("\n", " ")
-    line = f"rank {rank}, stage {stage}: {type(err).__name__}: {message}"
+    where = f"rank {rank}, stage {stage}, {type(err).__name__}"
     path = RunLayout(Path(cfg.output_dir)).stage(stage).error_file(rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(line + "\n\n" + "".join(traceback.format_exception(err)))
-        where = f" (traceback: {path})"
-    except OSError:
-        where = "\n" + "".join(traceback.format_exception(err))  # nowhere to keep it: on the console, then
-    print(f"mixer: error: {line}{where}", file=sys.stderr)
+        path.write_text(f"{where}: {message}\n\n" + "".join(traceback.format_exception(err)))
+        print(f"mixer: error: {message} ({where}; traceback: {path})", file=sys.stderr)
+    except OSError:  # nowhere to keep the traceback: on the console, then
+        print(f"mixer: error: {message} ({where})\n" + "".join(traceback.format_exception(err)), file=sys.stderr)
 
 
 def _close_parent(cfg, run_id: str | None, status: str) -> None:
