@@ -1,4 +1,5 @@
-"""`mixer bench train`: the project's real training step against timm's MlpMixer + torch.compile, in one process.
+"""`mixer bench train`: the project's real training step against timm's MlpMixer + torch.compile, in one process,
+and against the JAX/Flax Mixer the paper's authors train (`pipeline.bench_jax`, in a subprocess of its own).
 
 Every variant trains the same Mixer shape on the same synthetic batch (random 224x224 input, random labels) in
 bf16, with fused AdamW, for `warmup` untimed and `steps` timed optimiser steps. Throughput is images over the
@@ -13,7 +14,10 @@ the GPU, two batches ahead on a side stream), exactly as `mixer run` feeds it wi
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ class Result:
     images_per_s: float
     step_ms: float
     peak_memory_gib: float
+    profile: dict[str, float] | None = None  # `_profile`'s milliseconds per step by kernel category (--profile)
 
 
 def _time(step: Step, batches: Batches, warmup: int, steps: int) -> tuple[float, float]:
@@ -63,18 +68,56 @@ def _fixed(images: torch.Tensor, labels: torch.Tensor) -> Batches:
     return lambda: (images, labels)
 
 
-def _profile(name: str, step: Step, batches: Batches) -> None:
-    """Where one step's time goes: the top operators by device time and by host time."""
+# Where a kernel's time is counted in the profile table: the first category with a matching name part. Inductor
+# names its fused Triton kernels after the ops they hold (triton_per_fused_native_layer_norm_..., ..._gelu_...).
+KERNEL_CATEGORIES = (
+    ("GEMMs", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "triton_tem_", "_mm_")),
+    ("norms", ("layer_norm", "layernorm")),
+    ("activations", ("gelu",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "clip")),
+    ("communication", ("nccl", "allreduce", "all_gather", "reduce_scatter")),
+    ("copies", ("copy", "memcpy", "memset", "cat_", "clone", "transpose", "fill")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    return next((cat for cat, parts in KERNEL_CATEGORIES if any(p in lowered for p in parts)), "other kernels")
+
+
+def _profile(name: str, step: Step, batches: Batches, steps: int = 3) -> dict[str, float]:
+    """Where one step's time goes: GPU milliseconds per step by kernel category (KERNEL_CATEGORIES), and "idle",
+    the part of the step's wall time in which no kernel ran. Prints that table and the top operators by device
+    and by host time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
             step(*batches())
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1000 / steps
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_category = dict.fromkeys([cat for cat, _ in KERNEL_CATEGORIES] + ["other kernels"], 0.0)
+    intervals = []
+    for kernel in kernels:
+        by_category[kernel_category(kernel.name)] += kernel.time_range.elapsed_us() / 1000 / steps
+        intervals.append((kernel.time_range.start, kernel.time_range.end))
+    busy_us, reach = 0.0, float("-inf")
+    for begin, end in sorted(intervals):  # the union of the kernels' intervals: streams may overlap
+        if end > reach:
+            busy_us += end - max(begin, reach)
+            reach = end
+    by_category["idle"] = max(wall_ms - busy_us / 1000 / steps, 0.0)
     averages = prof.key_averages()
-    print(f"--- profile of 3 steps: {name}", flush=True)
+    print(f"--- profile of {steps} steps: {name}: {wall_ms:.1f} ms per step", flush=True)
+    for category, ms in by_category.items():
+        print(f"  {category:>14}: {ms:7.2f} ms  {ms / wall_ms:6.1%}", flush=True)
     print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    return {"step_ms": wall_ms, **by_category}
 
 
 def _plain_step(model: torch.nn.Module) -> Step:
@@ -121,6 +164,7 @@ def _deepspeed_engine(
     gelu: str = "exact",
     stacked: bool = False,
     remat: str = "none",
+    fused_gelu: bool = False,
 ) -> eng.Engine:
     stage = StageConfig(
         name="bench",
@@ -132,7 +176,7 @@ def _deepspeed_engine(
     )
     ds = DeepSpeedConfig(**{"zero_stage": zero_stage, "precision": "bf16", **ds_options})
     config = eng.build_config(stage, ds, 1, torch.device("cuda"))
-    model = MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked, remat=remat)
+    model = MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked, remat=remat, fused_gelu=fused_gelu)
     return eng.build_engine(model, stage, config, compile_mode, ds.fp8)
 
 
@@ -185,14 +229,36 @@ def standardised(stream: Prefetched) -> Batches:
     return batches
 
 
+JAX = "jax/flax"  # the peer's variant name: pipeline.bench_jax in a subprocess
+
+
+def jax_missing() -> str | None:
+    """Why the JAX/Flax peer cannot run here (None if it can)."""
+    missing = [name for name in ("jax", "flax", "optax") if importlib.util.find_spec(name) is None]
+    return f"{', '.join(missing)} not installed (pip install '.[bench]')" if missing else None
+
+
+def _measure_jax(model: str, batch: int, steps: int, warmup: int, gelu: str, rows: list[Result]) -> None:
+    """The JAX/Flax step, timed as the others are, in its own process (its own GPU memory pool: ours is emptied
+    first, and JAX allocates on demand)."""
+    torch.cuda.empty_cache()
+    cmd = [sys.executable, "-m", "pipeline.bench_jax", "--model", model, "--batch", str(batch), "--steps", str(steps),
+           "--warmup", str(warmup), "--gelu", gelu]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"the JAX/Flax peer failed (exit {done.returncode}): {done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    rows.append(Result(JAX, out["images_per_s"], out["step_ms"], out["peak_memory_gib"]))
+    print(f"{JAX} (jax {out['jax']}, flax {out['flax']}): {out['images_per_s']:.0f} img/s", flush=True)
+
+
 def _measure(
     name: str, step: Step, batches: Batches, warmup: int, steps: int, profile: bool, rows: list[Result]
 ) -> None:
     torch.cuda.reset_peak_memory_stats()
     ips, ms = _time(step, batches, warmup, steps)
-    if profile:
-        _profile(name, step, batches)
-    rows.append(Result(name, ips, ms, torch.cuda.max_memory_allocated() / 2**30))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    rows.append(Result(name, ips, ms, peak, _profile(name, step, batches) if profile else None))
     print(f"{name}: {ips:.0f} img/s, {ms:.1f} ms/step", flush=True)
 
 
@@ -211,13 +277,20 @@ def run_train_bench(
     (timm's is always the exact one). `end_to_end`: the headline variant again, fed from JPEG shards."""
     env, spec, images, labels = _one_gpu("train", model, batch)
     builders = _builders(spec, batch, ds_options or {}, gelu)
-    unknown = [name for name in variants if name not in builders]
+    unknown = [name for name in variants if name not in builders and name != JAX]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(builders)}")
     headline = next((name for name in variants if name.startswith("ours DeepSpeed")), variants[-1])
     rows: list[Result] = []
     from_shards = None
+    no_jax = jax_missing() if JAX in variants else None
     for name in variants:
+        if name == JAX:
+            if no_jax:
+                print(f"{JAX}: left out, {no_jax}", flush=True)
+            else:
+                _measure_jax(model, batch, steps, warmup, gelu, rows)
+            continue
         torch.cuda.empty_cache()
         step = builders[name]()
         _measure(name, step, _fixed(images, labels), warmup, steps, profile, rows)
@@ -236,6 +309,7 @@ def run_train_bench(
     by_name = {r.name: r for r in rows}
     ours = by_name[headline]
     baseline = by_name.get("timm + compile", rows[0])
+    peer = by_name.get(JAX)
     shards = {}
     if from_shards is not None:
         shards = {
@@ -266,6 +340,9 @@ def run_train_bench(
         "baseline_images_per_s": baseline.images_per_s,
         "mfu": ours.images_per_s * flops / measured,
         "speedup": ours.images_per_s / baseline.images_per_s,
+        "jax_images_per_s": peer.images_per_s if peer else None,
+        "speedup_vs_jax": ours.images_per_s / peer.images_per_s if peer else None,
+        "jax_left_out": no_jax,
         **shards,
     }
 
@@ -280,12 +357,16 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[
     def ours(stacked: bool = False, remat: str = "none") -> MlpMixer:
         return MlpMixer(spec, NUM_CLASSES, gelu=gelu, stacked=stacked, remat=remat)
 
+    def fused() -> MlpMixer:  # model.fused_gelu, whose GELU is the tanh one whatever --gelu says
+        return MlpMixer(spec, NUM_CLASSES, gelu="tanh", stacked=True, fused_gelu=True)
+
     builders: dict[str, Callable[[], Step]] = {
         "timm eager": lambda: _plain_step(timm_model(spec).cuda()),
         "timm + compile": lambda: _plain_step(torch.compile(timm_model(spec).cuda())),
         "ours + compile (no DeepSpeed)": lambda: _plain_step(torch.compile(ours().cuda())),
         "ours + max-autotune (no DeepSpeed)": lambda: _plain_step(torch.compile(ours().cuda(), mode=AUTOTUNE)),
         "ours + compile, stacked (no DeepSpeed)": lambda: _plain_step(torch.compile(ours(stacked=True).cuda())),
+        "ours + compile, stacked, fused GELU (no DeepSpeed)": lambda: _plain_step(torch.compile(fused().cuda())),
     }
     for remat in REMAT[1:]:
         builders[f"ours + compile, stacked, remat {remat} (no DeepSpeed)"] = lambda r=remat: _plain_step(
@@ -312,6 +393,11 @@ def _builders(spec: MixerSpec, batch: int, ds_options: dict, gelu: str) -> dict[
                 builders[name] = lambda z=zero, m=mode, o=options, s=stacked, r=remat: _deepspeed_step(
                     _deepspeed_engine(spec, batch, z, m, o, gelu, s, r), o
                 )
+    for zero in (1, 2):
+        options = {**ds_options, "precision": "autocast", "compile": True}
+        builders[f"ours DeepSpeed ZeRO-{zero} + compile (autocast, stacked, fused GELU)"] = lambda z=zero, o=options: (
+            _deepspeed_step(_deepspeed_engine(spec, batch, z, "default", o, "tanh", True, fused_gelu=True), o)
+        )
     return builders
 
 
@@ -323,12 +409,14 @@ def _float8(model: torch.nn.Module, recipe: str) -> torch.nn.Module:
 # The headline ("ours") is the first DeepSpeed row: the step the paper configs run (docs/BENCHMARKS.md).
 DEFAULT_VARIANTS = [
     "timm + compile",
+    JAX,
     "ours DeepSpeed ZeRO-2 + compile (autocast, stacked)",
     "ours + compile, stacked (no DeepSpeed)",
 ]
 ALL_VARIANTS = [
     "timm eager",
     "timm + compile",
+    JAX,
     "ours + compile (no DeepSpeed)",
     "ours + compile, stacked (no DeepSpeed)",
     "ours + max-autotune (no DeepSpeed)",

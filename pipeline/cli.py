@@ -345,7 +345,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    """Training throughput and MFU of the project's step vs timm's MlpMixer + torch.compile, in one process."""
+    """Training throughput and MFU of the project's step vs timm's MlpMixer + torch.compile (same process) and the
+    JAX/Flax Mixer (`jax/flax`, a subprocess)."""
     from pipeline import bench
 
     variants = bench.ALL_VARIANTS if args.variants == ["all"] else args.variants or bench.DEFAULT_VARIANTS
@@ -358,18 +359,23 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         title=f"Mixer-{args.model}, batch {args.batch}, {args.gelu} GELU in ours, {result['device']} "
         f"(bf16 matmul {result['measured_bf16_matmul_tflops']:.0f} TFLOP/s measured)"
     )
-    for column in ("variant", "img/s", "step ms", "MFU", "peak GiB", f"vs {result['baseline']}"):
+    peer = result["jax_images_per_s"]
+    columns = ["variant", "img/s", "step ms", "MFU", "peak GiB", f"vs {result['baseline']}"]
+    for column in columns + ([f"vs {bench.JAX}"] if peer else []):
         table.add_column(column, justify="right")
     for row in result["rows"]:
+        ratios = [row["images_per_s"] / base for base in (result["baseline_images_per_s"], peer) if base]
         table.add_row(
             row["name"],
             f"{row['images_per_s']:.0f}",
             f"{row['step_ms']:.1f}",
             f"{row['mfu']:.1%}",
             f"{row['peak_memory_gib']:.1f}",
-            f"{row['images_per_s'] / result['baseline_images_per_s']:.2f}x",
+            *(f"{ratio:.2f}x" for ratio in ratios),
         )
     console.print(table)
+    if result["jax_left_out"]:
+        console.print(f"{bench.JAX} left out: {result['jax_left_out']}")
     if end_to_end is not None:
         console.print(
             f"from JPEG shards ({args.workers} loader workers, GPU decode): {result['end_to_end_images_per_s']:.0f} "
@@ -577,13 +583,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (print a table; --json for machines)", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     train = bench_sub.add_parser(
-        "train", help="training step vs timm + torch.compile on one GPU", description=cmd_bench_train.__doc__
+        "train",
+        help="training step vs timm + torch.compile and JAX/Flax on one GPU",
+        description=cmd_bench_train.__doc__,
     )
     train.add_argument("--model", default="B/16", choices=["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"])
     train.add_argument("--batch", type=int, default=256)
     train.add_argument("--steps", type=int, default=30, help="timed optimiser steps per variant")
     train.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
-    train.add_argument("--variants", nargs="*", help="variant names, or 'all' (default: timm + compile vs ours)")
+    train.add_argument(
+        "--variants", nargs="*", help="variant names, or 'all' (default: timm + compile and jax/flax vs ours)"
+    )
     train.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
     train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
     train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from pipeline.bench import ALL_VARIANTS, DEFAULT_VARIANTS, EndToEnd, _builders, shard_batches, standardised
+from pipeline.bench import ALL_VARIANTS, DEFAULT_VARIANTS, JAX, EndToEnd, _builders, shard_batches, standardised
 from pipeline.models.mixer import MixerSpec
 from tests.conftest import run_mixer
 
@@ -10,7 +10,7 @@ from tests.conftest import run_mixer
 def test_every_listed_variant_has_a_builder():
     """`mixer bench train` (GPU only) looks variants up by name: a renamed one would fail only on the card."""
     names = _builders(MixerSpec(2, 4, 16, 8, 32, 16), 8, {}, "exact")
-    assert set(ALL_VARIANTS) | set(DEFAULT_VARIANTS) <= set(names)
+    assert set(ALL_VARIANTS) | set(DEFAULT_VARIANTS) <= set(names) | {JAX}  # the JAX/Flax peer runs apart
     assert "ours DeepSpeed ZeRO-1 + compile (autocast, stacked)" in names
 
 
