@@ -51,6 +51,9 @@ class ModelConfig:
     # "matmuls": the matrix products' outputs, LayerNorms and GELUs recomputed; "blocks": the block's input only,
     # the whole block recomputed (one more forward pass). The weights and results are the same.
     remat: str = "none"
+    # The channel-mixing MLPs through cuBLASLt's GELU epilogues on GPUs (pipeline.models.fused; needs gelu: tanh and
+    # nvmath-python, the `gpu` extra). The same arithmetic in fewer kernels; the CPU runs the plain path.
+    fused_gelu: bool = False
 
     def spec(self) -> MixerSpec:
         """The resolved shape: the variant's widths with any explicitly set dimension on top."""
@@ -536,6 +539,8 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
                 raise ConfigError(f"{source}: 'model.{name}' is required when model.variant is not set")
     _choice(cfg.model.gelu, ("exact", "tanh"), "model.gelu", source)
     _choice(cfg.model.remat, REMAT, "model.remat", source)
+    if cfg.model.fused_gelu and cfg.model.gelu != "tanh":
+        raise ConfigError(f"{source}: 'model.fused_gelu' needs model.gelu: tanh (cuBLASLt's GELU is the tanh one)")
     try:
         cfg.model.spec().validate()
     except ValueError as err:

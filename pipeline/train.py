@@ -120,6 +120,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
         gelu=cfg.model.gelu,
         stacked=cfg.model.stacked,
         remat=cfg.model.remat,
+        fused_gelu=cfg.model.fused_gelu,
     )
     seed_everything(cfg.seed + 1000 * (env.rank + 1))
 

@@ -20,7 +20,7 @@ if [ -n "${WHEELHOUSE:-}" ]; then
     "$WHEELHOUSE"/*.whl
   export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 else
-  VENV=.venv-gpu TORCH_SPEC="torch==$TESTED_TORCH torchvision==$TESTED_TORCHVISION" bash scripts/setup.sh
+  EXTRAS=dev,gpu,bench VENV=.venv-gpu TORCH_SPEC="torch==$TESTED_TORCH torchvision==$TESTED_TORCHVISION" bash scripts/setup.sh
   python=.venv-gpu/bin/python
 fi
 "$python" - "$TESTED_TORCH" <<'EOF_PY'

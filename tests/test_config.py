@@ -66,6 +66,7 @@ def test_bool_is_not_an_int(tmp_path):
         (lambda d: d["deepspeed"].update(zero_stage=4), "zero_stage' is 4"),
         (lambda d: d["model"].update(remat="all"), "model.remat' is 'all'"),
         (lambda d: d["deepspeed"].update(fp8="e4m3"), "deepspeed.fp8' is 'e4m3'"),
+        (lambda d: d["model"].update(fused_gelu=True, gelu="exact"), "model.fused_gelu' needs model.gelu: tanh"),
         (
             lambda d: (d["model"].update(stacked=True), d["deepspeed"].update(fp8="rowwise")),
             "model.stacked' cannot be combined with deepspeed.fp8",

@@ -156,28 +156,47 @@ def _token_pad(spec: MixerSpec) -> int:
     return -spec.num_patches % 16
 
 
+def channel_mlp(fused: bool) -> Callable[..., torch.Tensor]:
+    """`mlp`, or (`fused`) the same MLP through cuBLASLt's GELU epilogues where its input is on a GPU."""
+    if not fused:
+        return mlp
+
+    def maybe_fused(y, w0, b0, w1, b1, act, pad=0):
+        if y.is_cuda and not pad:
+            from pipeline.models.fused import gelu_mlp
+
+            return gelu_mlp(y, w0, b0, w1, b1)
+        return mlp(y, w0, b0, w1, b1, act, pad)
+
+    return maybe_fused
+
+
 def _gelu(gelu: str) -> nn.GELU:
     # "exact" is torch's and timm's GELU; "tanh" is Flax's default approximation.
     return nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
 
 
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> Dense, applied over the last axis."""
+    """Dense -> GELU -> Dense, applied over the last axis (`fused`: see `channel_mlp`)."""
 
-    def __init__(self, dim: int, mlp_dim: int, gelu: str) -> None:
+    def __init__(self, dim: int, mlp_dim: int, gelu: str, fused: bool = False) -> None:
         super().__init__()
         self.dense_0 = nn.Linear(dim, mlp_dim)
         self.act = _gelu(gelu)
         self.dense_1 = nn.Linear(mlp_dim, dim)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            d0, d1 = self.dense_0, self.dense_1
+            return channel_mlp(True)(x, d0.weight, d0.bias, d1.weight, d1.bias, self.act)
         return self.dense_1(self.act(self.dense_0(x)))
 
 
 class MixerBlock(nn.Module):
     """Token mixing across patches (shared over channels), then channel mixing (shared over patches)."""
 
-    def __init__(self, spec: MixerSpec, drop_path: float, gelu: str) -> None:
+    def __init__(self, spec: MixerSpec, drop_path: float, gelu: str, fused_gelu: bool = False) -> None:
         super().__init__()
         self.token_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         # Over the patch axis through a transposed view: measured on an H100, torch.compile fuses these transposes
@@ -185,7 +204,7 @@ class MixerBlock(nn.Module):
         self.token_mixing = MlpBlock(spec.num_patches, spec.tokens_mlp_dim, gelu)
         self.token_pad = _token_pad(spec)
         self.channel_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
-        self.channel_mixing = MlpBlock(spec.hidden_dim, spec.channels_mlp_dim, gelu)
+        self.channel_mixing = MlpBlock(spec.hidden_dim, spec.channels_mlp_dim, gelu, fused_gelu)
         # "row" drops the whole residual branch per sample, as stochastic depth does.
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
@@ -222,10 +241,13 @@ class StackedBlocks(nn.Module):
     `load_state_dict()` speak the per-block names (`blocks.{i}.token_norm.weight`), so weight files are the same
     either way; ZeRO's own checkpoint partitions follow the stacked layout."""
 
-    def __init__(self, spec: MixerSpec, drop_paths: list[float], gelu: str, remat: str = "none") -> None:
+    def __init__(
+        self, spec: MixerSpec, drop_paths: list[float], gelu: str, remat: str = "none", fused_gelu: bool = False
+    ) -> None:
         super().__init__()
         n = spec.num_blocks
         self.remat = remat
+        self.channel_mlp = channel_mlp(fused_gelu)
         # One block's parameters as MixerBlock makes them (names, shapes, LayerNorm ones and zeros), N times over.
         block = dict(MixerBlock(spec, 0.0, gelu).named_parameters())
         for name in BLOCK_PARAMETERS:
@@ -263,7 +285,7 @@ class StackedBlocks(nn.Module):
                 token_norm=partial(self._norm, weight=p["token_norm.weight"], bias=p["token_norm.bias"]),
                 mix_tokens=partial(mlp, **self._dense(p, "token_mixing"), act=self.act, pad=self.token_pad),
                 channel_norm=partial(self._norm, weight=p["channel_norm.weight"], bias=p["channel_norm.bias"]),
-                mix_channels=partial(mlp, **self._dense(p, "channel_mixing"), act=self.act),
+                mix_channels=partial(self.channel_mlp, **self._dense(p, "channel_mixing"), act=self.act),
                 drop=partial(stochastic_depth, p=rate, mode="row", training=self.training),
             )
             x = rematerialised(block, x, self.remat)
@@ -338,9 +360,12 @@ class MlpMixer(nn.Module):
         gelu: str = "exact",
         stacked: bool = False,
         remat: str = "none",
+        fused_gelu: bool = False,
     ) -> None:
         super().__init__()
         spec.validate()
+        if fused_gelu and gelu != "tanh":
+            raise ValueError("fused_gelu needs the tanh GELU (cuBLASLt's)")
         if remat not in REMAT:
             raise ValueError(f"remat is {remat!r}; one of {REMAT}")
         self.spec = spec
@@ -351,9 +376,9 @@ class MlpMixer(nn.Module):
         rates = [stoch_depth * i / max(spec.num_blocks - 1, 1) for i in range(spec.num_blocks)]
         # `stacked`: one tensor per block parameter across all blocks (see StackedBlocks); the same model.
         self.blocks = (
-            StackedBlocks(spec, rates, gelu, remat)
+            StackedBlocks(spec, rates, gelu, remat, fused_gelu)
             if stacked
-            else Blocks([MixerBlock(spec, r, gelu) for r in rates], remat)
+            else Blocks([MixerBlock(spec, r, gelu, fused_gelu) for r in rates], remat)
         )
         self.pre_head_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(dropout)

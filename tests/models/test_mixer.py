@@ -295,3 +295,18 @@ def test_remat_keeps_less_for_the_backward_pass_and_changes_no_number(stacked):
 def test_unknown_remat_is_refused():
     with pytest.raises(ValueError, match="remat is 'all'"):
         MlpMixer(TINY, num_classes=3, remat="all")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fused_gelu_runs_the_plain_path_off_the_gpu(stacked):
+    """`model.fused_gelu` changes kernels on GPUs only (tests/gpu/test_fused.py compares them there); on the CPU it
+    is the tanh-GELU model, number for number."""
+    torch.manual_seed(0)
+    plain = MlpMixer(TINY, num_classes=3, gelu="tanh", stacked=stacked)
+    torch.nn.init.normal_(plain.head.weight)  # the zero head would make any two models agree
+    fused = MlpMixer(TINY, num_classes=3, gelu="tanh", stacked=stacked, fused_gelu=True)
+    fused.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, TINY.image_size, TINY.image_size)
+    torch.testing.assert_close(fused(images), plain(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fused_gelu needs the tanh GELU"):
+        MlpMixer(TINY, num_classes=3, fused_gelu=True)
