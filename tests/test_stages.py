@@ -351,3 +351,21 @@ def test_the_newest_checkpoint_that_verifies_is_resumed_when_latest_is_gone_or_t
     (checkpoints / "step-00000003" / "meta.json").write_text("{}")
     with pytest.raises(checkpoint.CheckpointError, match="none of the 2 checkpoints"):
         checkpoint.newest_verified(checkpoints)
+
+
+def test_a_training_set_of_one_class_is_warned_about_before_launch(tmp_path, caplog):
+    from pipeline import stages
+    from pipeline.config import load_config
+    from pipeline.data import synthetic
+    from pipeline.data.shards import write_shards
+
+    circles = (s for s in synthetic.generate("shapes", 480, 16, seed=0) if s.label == 0)
+    write_shards(circles, tmp_path / "shapes" / "train", classes=["circle"], max_count=8, progress=False)
+    synthetic.write_dataset("shapes", tmp_path / "shapes" / "eval", samples=32, size=16, seed=1)
+    cfg = load_config(TINY, [f"output_dir={tmp_path}/out", f"datasets.shapes.path={tmp_path}/shapes",
+                             f"datasets.novel.path={tmp_path}/novel", "datasets.shapes.num_classes=1",
+                             "datasets.shapes.generate=null"])  # fmt: skip
+    with caplog.at_level("WARNING"):
+        stages.prepare(cfg)
+    assert "stage pretrain trains on one class (datasets.shapes.num_classes): it learns nothing" in caplog.text
+    assert "finetune trains on one class" not in caplog.text
