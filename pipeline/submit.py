@@ -1,6 +1,7 @@
 """`mixer submit`: each stage of an experiment as a cluster job, chained so that each starts when the one before it
-finished. The job files are rendered from the templates in `jobs/`, which hold no hyper-parameters: every value comes
-from the experiment's config (`cluster:`, `launch.nproc_per_node`) and the run's layout."""
+finished. The job files are rendered from the templates in `pipeline/jobs/` (package data), which hold no
+hyper-parameters: every value comes from the experiment's config (`cluster:`, `launch.nproc_per_node`) and the run's
+layout."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from pipeline import stages, tracking
 from pipeline.config import ExperimentConfig, StageConfig
 from pipeline.layout import RunLayout
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = resources.files("pipeline") / "jobs"  # package data: a wheel install carries the templates too
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -42,7 +44,7 @@ def render(template: str, values: dict[str, str]) -> str:
 
 
 def slurm_script(cfg: ExperimentConfig, layout: RunLayout, stage: StageConfig, parent_run_id: str, last: bool) -> str:
-    """The sbatch script of one stage (`jobs/slurm.sbatch`)."""
+    """The sbatch script of one stage (`pipeline/jobs/slurm.sbatch`)."""
     cluster, job = cfg.cluster, cfg.cluster.job(stage.name)
     options = []
     if job.partition:
@@ -122,8 +124,8 @@ def k8s_check(cfg: ExperimentConfig, layout: RunLayout) -> None:
 def pytorchjob(
     cfg: ExperimentConfig, layout: RunLayout, stage: StageConfig, parent_run_id: str, last: bool, previous: str | None
 ) -> dict:
-    """The Kubeflow PyTorchJob of one stage (`jobs/pytorchjob.yaml` and `jobs/pytorchjob-pod.yaml`). `previous`:
-    the stage whose result the pods wait for before starting."""
+    """The Kubeflow PyTorchJob of one stage (`pipeline/jobs/pytorchjob.yaml` and `pytorchjob-pod.yaml` beside it).
+    `previous`: the stage whose result the pods wait for before starting."""
     cluster, job = cfg.cluster, cfg.cluster.job(stage.name)
     mounts = [{"name": f"data-{i}", "mountPath": path} for i, path in enumerate(cluster.volumes.values())]
     volumes: list[dict] = [

@@ -37,7 +37,7 @@ def test_image_installs_every_dependency_but_the_base_images_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     expected = [d for d in deps if not d.startswith(("torch>", "torchvision>"))]
-    assert out.stdout.splitlines() == expected and "deepspeed>=0.16" in expected
+    assert out.stdout.splitlines() == expected and any(d.startswith("deepspeed>=") for d in expected)
 
 
 def test_image_ships_the_torch_the_gpu_lane_tests_and_pyproject_allows():

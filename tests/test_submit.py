@@ -210,3 +210,20 @@ def test_names_are_checked_and_rendered_values_quoted(tmp_path):
     words = shlex.split(srun)
     assert words[words.index("stage") + 1] == str(out / "config.yaml")  # one literal word
     assert shlex.quote(str(out / "stages" / "pretrain" / "preempted")) in script
+
+
+def test_a_built_wheel_carries_the_job_templates(tmp_path):
+    """`pip wheel .` installed outside the checkout (no editable link back to it) renders the demo's job files."""
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO), "-w", tmp_path / "dist"],
+                   check=True, capture_output=True)  # fmt: skip
+    wheel = next((tmp_path / "dist").glob("mixer_pipeline-*.whl"))
+    subprocess.run([*pip, "install", "-q", "--no-deps", "--target", tmp_path / "site", wheel], check=True,
+                   capture_output=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "submit", str(REPO / "configs" / "demo.yaml"), "--to", "print",
+         f"output_dir={tmp_path}/out"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "#SBATCH" in (tmp_path / "out" / "jobs" / "pretrain.sbatch").read_text()
