@@ -68,10 +68,25 @@ def read_env(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+# How many ranks share this node, as each launcher says it: torchrun, the DeepSpeed launcher, srun.
+_LOCAL_RANKS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def share_cpu_threads() -> None:
+    """This rank's intra-op threads: its share of the node's cores, unless OMP_NUM_THREADS is set. `mixer run`
+    sets the share for torchrun (`stages.stage_env`); the DeepSpeed launcher and srun set nothing, and each rank
+    then took every core: two CPU ranks on two cores ran the tiny eval stage in 48 s instead of 16."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    ranks = next((os.environ[n] for n in _LOCAL_RANKS if os.environ.get(n, "").isdigit()), "1")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(ranks))))
+
+
 def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
-    """NCCL on GPUs, gloo on CPU. DeepSpeed reuses this group."""
+    """NCCL on GPUs, gloo on CPU (each rank with its share of the cores). DeepSpeed reuses this group."""
     if torch_dist.is_initialized():
         return
+    share_cpu_threads()
     # DeepSpeed reads these itself; under a bare `srun` or a single process only we know them.
     for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
         os.environ.setdefault(name, str(value))

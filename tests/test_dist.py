@@ -62,3 +62,18 @@ def test_every_mixer_process_asks_cuda_for_32_work_queues_unless_told_otherwise(
         for e in (env, {**env, "CUDA_DEVICE_MAX_CONNECTIONS": "8"})
     ]
     assert [r.stdout.splitlines()[-1] for r in runs] == ["queues 32", "queues 8"]
+
+
+THREADS = "import torch; from pipeline import dist; dist.share_cpu_threads(); print('threads', torch.get_num_threads())"
+
+
+def test_a_rank_takes_its_share_of_the_cores_unless_omp_num_threads_says_otherwise():
+    """Under the DeepSpeed launcher (LOCAL_SIZE) or srun, which set no OMP_NUM_THREADS, as under torchrun."""
+    cores = os.cpu_count() or 1
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
+    cases = [({"LOCAL_SIZE": "2"}, max(1, cores // 2)), ({"LOCAL_SIZE": str(4 * cores)}, 1), ({}, cores),
+             ({"LOCAL_SIZE": str(4 * cores), "OMP_NUM_THREADS": str(cores)}, cores)]  # fmt: skip
+    for extra, threads in cases:
+        run = subprocess.run([sys.executable, "-c", THREADS], env={**base, **extra}, cwd=REPO, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        assert run.stdout.split()[-1] == str(threads), (extra, run.stdout)
