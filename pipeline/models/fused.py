@@ -2,12 +2,12 @@
 
 The forward pass computes the first matrix product, its bias and the GELU in one kernel (epilogue GELU_AUX_BIAS,
 which also writes the GELU's input for the backward pass); the backward pass computes the gradient through the
-second product and multiplies it by GELU' in one kernel (DGELU). Compiled
-PyTorch runs these as a matrix product followed by separate elementwise and reduction kernels, which read and write
-the (tokens x hidden) activation once more each. cuBLASLt's GELU is the tanh approximation, so this path serves
-`model.gelu: tanh` only. Written by hand because no library offers this MLP with a backward pass for PyTorch:
-`torch._addmm_activation` has the forward epilogue only, and the libraries that have both (Transformer Engine) do
-not install here. The plain path (`models.mixer.mlp`) is the reference, and what runs on the CPU.
+second product and multiplies it by GELU' in one kernel (DGELU). Compiled PyTorch runs these as matrix products
+followed by separate elementwise kernels, which read and write the (tokens x hidden) activation once more each.
+cuBLASLt's GELU is the tanh approximation, so this path serves `model.gelu: tanh` only. Written by hand because no
+library offers this MLP with a backward pass for PyTorch: `torch._addmm_activation` has the forward epilogue only,
+and the libraries that have both (Transformer Engine) do not install here. The plain path (`models.mixer.mlp`) is
+the reference, and what runs on the CPU.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def _(x, w, b):
 @torch.library.custom_op("mixer::dgelu_dense", mutates_args=())
 def dgelu_dense(g: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """g (T, C), the gradient of `h w^T` with w (C, H); z (T, H'), the GELU's input -> dz = (g w) * gelu'(z), the
-    gradient at the GELU's input. (DGELU only: with the bias gradient summed in as well, DGELU_BGRAD, cuBLASLt's
-    kernel took 1.2 ms where this one and a separate sum take about 0.55, B/16 on an H200.)"""
+    gradient at the GELU's input. (DGELU only; the first bias's gradient is a separate sum. With that sum in the
+    epilogue too, DGELU_BGRAD, cuBLASLt's kernel took 1.22 ms per call against 0.44 ms for this one: B/16, batch
+    256, on an H200, docs/BENCHMARKS.md.)"""
     dz, _ = _matmul(w.t(), g.t(), _epilogs().DGELU, {"gelu_aux": z.t()})
     return dz.t()
 
