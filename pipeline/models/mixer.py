@@ -184,12 +184,12 @@ class MlpBlock(nn.Module):
         self.dense_0 = nn.Linear(dim, mlp_dim)
         self.act = _gelu(gelu)
         self.dense_1 = nn.Linear(mlp_dim, dim)
-        self.fused = fused
+        self.fused = channel_mlp(True) if fused else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.fused is not None:
             d0, d1 = self.dense_0, self.dense_1
-            return channel_mlp(True)(x, d0.weight, d0.bias, d1.weight, d1.bias, self.act)
+            return self.fused(x, d0.weight, d0.bias, d1.weight, d1.bias, self.act)
         return self.dense_1(self.act(self.dense_0(x)))
 
 
