@@ -80,7 +80,12 @@ def share_cpu_threads() -> None:
     if "OMP_NUM_THREADS" in os.environ:
         return
     ranks = next((os.environ[n] for n in _LOCAL_RANKS if os.environ.get(n, "").isdigit()), "1")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(ranks))))
+    torch.set_num_threads(cores_per_rank(int(ranks)))
+
+
+def cores_per_rank(ranks_on_node: int) -> int:
+    """This node's cores shared out over its ranks, at least one each."""
+    return max(1, (os.cpu_count() or 1) // max(1, ranks_on_node))
 
 
 def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:

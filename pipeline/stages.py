@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import checkpoint, tracking
+from pipeline import checkpoint, dist, tracking
 from pipeline.config import (
     ConfigError,
     ExperimentConfig,
@@ -195,7 +195,7 @@ def launch_command(
 def stage_env(cfg: ExperimentConfig) -> dict[str, str]:
     """One intra-op thread pool per rank that shares the node's cores (torchrun would warn and pick 1)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)))
+    env.setdefault("OMP_NUM_THREADS", str(dist.cores_per_rank(cfg.launch.nproc_per_node)))
     return env
 
 
