@@ -1,4 +1,5 @@
-"""The only importer of deepspeed: builds the DeepSpeed config from the typed config and owns the engine."""
+"""Builds the DeepSpeed config from the typed config and owns the engine: build, save, load (DeepSpeed is imported
+here and in `engine_patches`, which this module applies explicitly; importing either patches nothing)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402  (after the logger is quietened: it logs on import)
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
-from deepspeed.runtime.zero import stage3, stage_1_and_2  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils import logging as ds_logging  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+
+from pipeline import engine_patches  # noqa: E402
 
 ds_logging.set_log_level_from_string("error")
 
@@ -113,7 +115,7 @@ def build_config(
             "torch_adam": True,
         }
         # torch's fused AdamW kernel (CUDA and CPU): no JIT-built DeepSpeed op, and it can skip a step on the device
-        # (`skip_steps_on_device`)
+        # (`engine_patches.skip_steps_on_device`)
         params["fused"] = True
         config["optimizer"] = {"type": "AdamW", "params": params}
     else:
@@ -213,57 +215,11 @@ def build_engine(
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config
         )
     if deepcompile:
-        keep_persistent_reductions()
-        plain_arch_list()
+        engine_patches.before_deepcompile()
         engine.compile()  # DeepCompile's backend: Inductor, with ZeRO's gathers, releases and reductions in the graph
-        drop_persistent_gather(engine)
-    skip_steps_on_device(engine)
+    engine_patches.apply(engine)
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine
-
-
-def plain_arch_list() -> str | None:
-    """DeepCompile builds DeepSpeed's `dc` op on first use, and DeepSpeed 0.19.8's op builder reads each
-    TORCH_CUDA_ARCH_LIST entry as numbers: an architecture-specific one that PyTorch itself accepts, such as
-    Hopper's "9.0a" (CUDA images for H100s set it), stops it with "invalid literal for int() with base 10: '0a'"
-    before anything is compiled. The op uses no architecture-specific instruction, so the plain architecture serves:
-    "9.0a" -> "9.0" for this process. Returns the value now in effect."""
-    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if value:
-        plain = re.sub(r"(\d+\.\d+)[af]\b", r"\1", value)
-        if plain != value:
-            logging.getLogger(__name__).info("TORCH_CUDA_ARCH_LIST %r -> %r for DeepSpeed's op builder", value, plain)
-            os.environ["TORCH_CUDA_ARCH_LIST"] = value = plain
-    return value
-
-
-def keep_persistent_reductions() -> dict:
-    """Let Inductor keep its persistent reductions (one block per LayerNorm row) in DeepCompile's graphs; returns
-    the Inductor settings DeepCompile will still change. DeepCompile turns off both mix-order reductions and
-    persistent reductions, against an oversized mix-order kernel that Triton rejected in one ZeRO-3 backward graph.
-    Turning mix-order reductions off is what avoids that kernel (it forces persistence itself); persistence off as
-    well cost Mixer-B/16 a further 1.6-3.4% on one H100 (docs/BENCHMARKS.md)."""
-    from deepspeed.compile import inductor
-
-    patch = getattr(inductor, "_DEEP_COMPILE_Z3_INDUCTOR_REDUCTION_CONFIG", {})  # not in older DeepSpeed releases
-    patch.pop("triton.persistent_reductions", None)
-    return patch
-
-
-def drop_persistent_gather(engine: Engine) -> bool:
-    """Stop ZeRO-3's optimiser from gathering its "persistent" parameters after every step once none of them is
-    persistent any more; returns whether it stopped. ZeRO-3 keeps parameters under
-    `stage3_param_persistence_threshold` elements whole on every rank, and gathers them again after each step.
-    DeepCompile turns that persistence off and gathers every parameter inside its graph, but the optimiser's
-    post-step gather stays: a collective whose result is never read, and a point where the host waits. Without it,
-    Mixer-B/16 under ZeRO-3 + DeepCompile ran 2.3% faster on one H100, to the same loss (docs/BENCHMARKS.md). ZeRO-3's
-    step partitions every parameter first, so these then stay partitioned like the rest, and whatever gathers them
-    later (`GatheredParameters`, a checkpoint) reads the updated values."""
-    persistent = getattr(engine.optimizer, "persistent_parameters", None)  # ZeRO-3's optimiser only
-    if not persistent or any(p.ds_persist for p in persistent):
-        return False
-    persistent.clear()  # in place: ZeRO-3's parameter offload holds the same list
-    return True
 
 
 def uses_deepcompile(config: dict) -> bool:
@@ -292,109 +248,6 @@ def gather_with_their_block(model: nn.Module) -> None:
         if isinstance(block, MixerBlock) and block.token_pad:
             for param in block.token_mixing.parameters():
                 deepspeed.zero.register_external_parameter(block, param)
-
-
-def _mask_non_finite(norm: torch.Tensor, device: Any = None, val: float = -1.0) -> None:
-    """DeepSpeed's `mask_nan_or_inf_with_val_inplace`, without building its fill value as a tensor on the device: that
-    host-to-device copy waited for the whole backward pass before the host could queue the optimiser step."""
-    norm.masked_fill_(~torch.isfinite(norm), val)
-
-
-_is_invalid_grad_norm = stage_1_and_2.is_invalid_grad_norm
-
-
-def _invalid_unless_skipped_on_device(norm: Any) -> bool:
-    """DeepSpeed's `is_invalid_grad_norm` (a host wait on the norm), except for norms `skip_steps_on_device`
-    has already handed to the optimiser."""
-    return False if getattr(norm, "_skipped_on_device", False) else _is_invalid_grad_norm(norm)
-
-
-_combine_grad_norm_groups = stage3.combine_grad_norm_groups
-
-
-def _combine_and_hand_over(norm_groups: list, norm_type: int = 2) -> torch.Tensor:
-    """ZeRO-3's `combine_grad_norm_groups`, then `skip_steps_on_device`'s hand-over where it applies."""
-    norm = _combine_grad_norm_groups(norm_groups, norm_type)
-    hand_over = next((n._hand_over for n in norm_groups if hasattr(n, "_hand_over")), None)
-    return norm if hand_over is None else hand_over(norm)
-
-
-stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_non_finite
-stage_1_and_2.is_invalid_grad_norm = _invalid_unless_skipped_on_device
-stage3.is_invalid_grad_norm = _invalid_unless_skipped_on_device
-stage3.combine_grad_norm_groups = _combine_and_hand_over
-
-
-def skip_steps_on_device(engine: Engine) -> bool:
-    """Let ZeRO skip a step whose gradient norm is inf or nan without the host waiting for the norm.
-
-    DeepSpeed reads the norm back as a Python bool before every optimiser step (to skip the step, and ZeRO-1/2
-    again to clip), so the host cannot queue the step and the next forward pass while the GPU is still in the
-    backward pass. Here the verdict stays on the device instead: torch's fused AdamW takes it as `found_inf` and
-    leaves the weights, its moments and its step count unchanged, as DeepSpeed's skip does, and the clip uses the
-    infinite norm DeepSpeed would have. Unlike DeepSpeed's skip, the learning-rate schedule still advances. Skipped
-    steps are counted on the device (`skipped_steps`); a save adds them to DeepSpeed's count, which checkpoints
-    keep. Returns whether it applies: ZeRO-1/2 or ZeRO-3 with torch's fused AdamW, no CPU offload, no fp16 loss
-    scaler (and for ZeRO-1/2 the gradient norm computed; for ZeRO-3 no Muon and no model parallelism); otherwise
-    DeepSpeed's own logic runs."""
-    zero = engine.optimizer
-    inner = getattr(zero, "optimizer", None)
-    is_stage3 = isinstance(zero, stage3.DeepSpeedZeroOptimizer_Stage3)
-    if isinstance(zero, stage_1_and_2.DeepSpeedZeroOptimizer):
-        applies = zero.compute_grad_norm and not zero.cpu_offload
-    elif is_stage3:
-        applies = not (zero.offload_optimizer or zero.use_muon) and zero.model_parallel_group is None
-    else:
-        return False
-    if not (
-        applies
-        and getattr(inner, "_step_supports_amp_scaling", False)  # fused: takes found_inf
-        and zero.torch_autocast_gradscaler is None
-        and not zero.custom_loss_scaler
-        and zero.loss_scale == 1.0
-    ):
-        return False
-    counted = torch.zeros((), device=engine.device)
-
-    def hand_over(norm: torch.Tensor) -> torch.Tensor:
-        invalid = ~torch.isfinite(norm) | (norm < 0)
-        inner.found_inf = invalid.float()
-        counted.add_(inner.found_inf)
-        norm = norm.masked_fill(invalid, float("inf"))  # DeepSpeed's clip for an invalid norm
-        norm._skipped_on_device = True
-        return norm
-
-    if is_stage3:
-        zero.get_grad_norm_direct = _stage3_group_norm(zero, hand_over)
-    else:
-        global_norm = zero.scaled_global_norm
-        zero.scaled_global_norm = lambda norm_type=2: hand_over(global_norm(norm_type))
-    engine.skipped_on_device = counted
-    return True
-
-
-def _stage3_group_norm(zero: Any, hand_over: Any) -> Any:
-    """ZeRO-3's `get_grad_norm_direct` for one parameter group, without its host wait: DeepSpeed builds the -1 it
-    writes over an invalid norm as a tensor on the device, a blocking host-to-device copy per group. The same sums
-    in the same order, then a fill with a plain number. Only the 2-norm without model or expert parallelism (what
-    `skip_steps_on_device` admits); anything else goes to DeepSpeed's own. The norm carries `hand_over`, which
-    `_combine_and_hand_over` applies to the groups' combined norm."""
-    direct = zero.get_grad_norm_direct
-
-    def group_norm(gradients: list, params: list, norm_type: float = 2) -> torch.Tensor:
-        if float(norm_type) != 2.0 or not gradients or zero._autoep_expert_parallel_group(params) is not None:
-            return direct(gradients, params, norm_type)
-        zero._assert_same_partition_group(params)
-        device, dtype = stage3.get_accelerator().device_name(), stage3.get_norm_dtype()
-        norms = [g.to(device, non_blocking=True).to(dtype).norm(2.0) for g in gradients]
-        total = torch.sum(torch.pow(torch.stack(norms), 2.0))
-        stage3.dist.all_reduce(total, op=stage3.dist.ReduceOp.SUM, group=zero._get_param_partition_group(params[0]))
-        total = total ** (1.0 / 2.0)
-        norm = total.masked_fill(~torch.isfinite(total), -1.0)
-        norm._hand_over = hand_over
-        return norm
-
-    return group_norm
 
 
 def skipped_steps(engine: Engine) -> int:

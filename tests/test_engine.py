@@ -6,27 +6,23 @@ import deepspeed
 import pytest
 import torch
 import torch.nn.functional as F
-from deepspeed.runtime import utils as ds_utils
 
 from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
 from pipeline.dist import free_port, init_process_group, read_env
 from pipeline.engine import (
     BackgroundCheckpointEngine,
-    _mask_non_finite,
     build_config,
     build_engine,
     consolidated_state_dict,
-    drop_persistent_gather,
-    keep_persistent_reductions,
     load_checkpoint,
     matmul_dtype,
     model_compile_mode,
     param_groups,
-    plain_arch_list,
     save_checkpoint,
     skipped_steps,
     to_float8,
 )
+from pipeline.engine_patches import drop_persistent_gather
 from pipeline.models.mixer import MixerSpec, MlpMixer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -92,28 +88,6 @@ def test_compiled_zero3_on_gpus_compiles_through_deepcompile_in_the_default_mode
         build_engine(model, stage(), build_config(stage(), ds, 1, GPU), "max-autotune-no-cudagraphs")
 
 
-def test_deepcompile_keeps_persistent_reductions_but_not_mix_order_ones():
-    # DeepSpeed's own module-level settings, read when DeepCompile compiles: fails if the installed DeepSpeed has
-    # renamed them (the engine then leaves DeepCompile's settings as they are)
-    assert keep_persistent_reductions() == {"triton.mix_order_reduction": False}
-
-
-def test_deepcompiles_op_builder_takes_an_architecture_specific_arch_list(monkeypatch):
-    """A CUDA image's TORCH_CUDA_ARCH_LIST="9.0a" stopped DeepCompile's op build on an H200 machine; DeepSpeed's
-    own builder reads the list here as it does there (it fails on the CPU the same way, before looking for GPUs)."""
-    from deepspeed.ops.op_builder.dc import DeepCompileBuilder
-
-    builder = DeepCompileBuilder()
-    builder.jit_mode = True
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0f+PTX")
-    with pytest.raises(ValueError, match="invalid literal for int"):
-        builder.compute_capability_args()
-    assert plain_arch_list() == "8.0;9.0 10.0+PTX" == os.environ["TORCH_CUDA_ARCH_LIST"]
-    builder.compute_capability_args()  # no error now
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    assert plain_arch_list() == "9.0"
-
-
 def test_eval_stage_has_no_optimizer():
     config = build_config(stage("eval"), DeepSpeedConfig(zero_stage=2), 2, CPU)
     assert "optimizer" not in config and "scheduler" not in config
@@ -171,14 +145,6 @@ def test_fp8_converts_the_channel_mixing_mlps_only_and_stays_close_to_bf16():
     # e4m3 keeps 3 mantissa bits (~6% per element); sums over many products average it down
     assert 0 < (logits - ref_logits).norm() <= 0.1 * ref_logits.norm()
     assert 0 < (grad - ref_grad).norm() <= 0.15 * ref_grad.norm()
-
-
-def test_the_sync_free_norm_mask_matches_deepspeeds():
-    norm = torch.tensor([1.5, float("inf"), float("nan"), -float("inf"), 0.0])
-    expected = norm.clone()
-    ds_utils.mask_nan_or_inf_with_val_inplace(expected)
-    _mask_non_finite(norm)
-    assert torch.equal(norm, expected) and norm.tolist() == [1.5, -1.0, -1.0, -1.0, 0.0]
 
 
 def _join_two_gloo_ranks(rank: int, port: int) -> None:
