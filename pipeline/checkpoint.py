@@ -1,6 +1,6 @@
 """Save, resume, export and initialise: what a stage's weights are and where they come from.
 
-Resume precedence, coded in this order in `train.run_stage`:
+Resume precedence, coded in this order in `plan_resume` (before the engine exists; `restore` loads the plan into it):
   1. the stage's own latest complete checkpoint (a rerun after a kill continues; a finished stage is not re-run),
   2. the stage's `resume_from`: another run's checkpoint, full state (weights, optimiser, schedule, step, data),
   3. the stage's `init_from`: an earlier stage's export or a weights file (`pipeline.weights`), weights only,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -24,13 +25,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import dist, weights
-from pipeline.config import ConfigError, ExperimentConfig
+from pipeline import dist, rng, weights
+from pipeline.config import ConfigError, ExperimentConfig, StageConfig
+from pipeline.data.sources import training_sources
 from pipeline.layout import RunLayout, StageLayout
 from pipeline.models.mixer import MixerSpec, MlpMixer, grow_resolution
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"  # written last: a checkpoint without one is incomplete and never `latest`
 LATEST = "latest"
@@ -352,6 +356,95 @@ def rng_state(directory: Path, tag: str, rank: int) -> dict | None:
     """This rank's random generators as saved in checkpoint `tag` (none for a rank the writing job did not have)."""
     path = _rng_file(directory, tag, rank)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def fingerprint(cfg: ExperimentConfig, stage: StageConfig, spec: MixerSpec) -> dict:
+    """What a checkpoint must share with the config that loads it. The data set is known by its shards' counts,
+    not its location: copying shards to another disk is harmless."""
+    dataset = cfg.datasets[stage.dataset]
+    sources = training_sources(dataset, RunLayout(Path(cfg.output_dir)).data_index)
+    return {
+        "model": dataclasses.asdict(spec),
+        "gelu": cfg.model.gelu,
+        "num_classes": dataset.num_classes,
+        "dataset": [[len(s.urls), s.num_samples, s.weight] for s in sources],
+        "zero_stage": _engine().zero_stage_of(stage, cfg.deepspeed),
+        "stacked": cfg.model.stacked,  # the order of the parameters in ZeRO's flat partitions
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """Where a stage's state comes from, decided before its engine exists: a verified checkpoint to continue
+    (`directory`/`tag`, full state), or a weights file to start from (`init`, weights only), or neither (scratch)."""
+
+    directory: Path | None = None
+    tag: str | None = None
+    saved_world_size: int = 0
+    init: Path | None = None
+
+    @property
+    def resumes(self) -> bool:
+        return self.tag is not None
+
+    def reshard(self, world_size: int) -> bool:
+        """Another number of ranks wrote the checkpoint: the engine loads its universal conversion."""
+        return self.resumes and self.saved_world_size != world_size
+
+
+def plan_resume(stage: StageConfig, run: RunLayout, zero_stage: int, rank: int = 0, world_size: int = 1) -> ResumePlan:
+    """Collective: the stage's source of state, by the precedence in this module's docstring. A checkpoint is
+    chosen only once `verify` passes it, and only if this world size can load it exactly (`check_reshardable`)."""
+    if stage.kind.trains:
+        own, passed_over = newest_verified(run.stage(stage.name).checkpoints, rank, world_size)
+        if own is not None:
+            if passed_over and rank == 0:
+                log.warning("stage %s resumes from %s, not a newer one: %s", stage.name, own, "; ".join(passed_over))
+            return _continuing(run.stage(stage.name).checkpoints, own, stage, zero_stage, world_size)
+        if stage.resume_from is not None:
+            directory, tag = resume_source(stage.resume_from)
+            verify(directory, tag, rank, world_size)
+            return _continuing(directory, tag, stage, zero_stage, world_size)
+    if stage.init_from is not None:
+        return ResumePlan(init=init_source(stage.init_from, run))
+    return ResumePlan()
+
+
+def _continuing(directory: Path, tag: str, stage: StageConfig, zero_stage: int, world_size: int) -> ResumePlan:
+    saved = saved_world_size(directory, tag)
+    check_reshardable(saved, world_size, stage.optim.name, zero_stage)
+    return ResumePlan(directory, tag, saved)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `restore` put back: the step to continue after, this rank's data position (None: from the start), and
+    the tags that tell the stage's run where it came from."""
+
+    step: int = 0
+    data_state: dict | None = None
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def restore(
+    engine: Engine, plan: ResumePlan, fingerprint: dict, settings: dict, rank: int = 0, world_size: int = 1
+) -> Restored:
+    """Collective: load the plan's checkpoint into `engine` (built with `load_universal` where `plan.reshard`),
+    refused if its fingerprint differs from this config's; then this rank's data position and random generators.
+    Settings that changed harmlessly since the save (more steps, another eval interval, ...) are allowed and
+    named in the tags."""
+    if not plan.resumes:
+        return Restored()
+    reshard = plan.reshard(world_size)
+    meta = resume(engine, plan.directory, plan.tag, fingerprint, rank, world_size, reshard)
+    saved_rng = rng_state(plan.directory, plan.tag, rank)
+    if saved_rng is not None:  # the loop reseeds every step from (seed, step) too, so this is belt and braces
+        rng.set_rng_states(saved_rng)
+    changes = changed_settings(meta.get("settings", {}), settings)
+    tags = {"resumed_from": str(plan.directory / plan.tag), "resume_changes": ", ".join(changes)}
+    if reshard:
+        tags["resumed_world_size"] = f"{plan.saved_world_size} -> {world_size} ranks (universal checkpoint)"
+    return Restored(int(meta["step"]), data_state(plan.directory, plan.tag, rank), tags)
 
 
 def export(

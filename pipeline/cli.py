@@ -78,7 +78,7 @@ def _print_plan(cfg) -> int:
     specs = checkpoint.stage_specs(cfg)
     for stage in cfg.stages:
         spec = specs[stage.name]
-        if stage.kind == "eval":
+        if not stage.kind.trains:
             batch = f"eval batch {stage.eval_batch} x {world} ranks"
         else:
             accumulation = stage.accumulation(world)
@@ -98,7 +98,8 @@ def _print_plan(cfg) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage, in every process that a launcher (torchrun, deepspeed, accelerate, srun) started."""
     from pipeline.launch import die_with_parent
-    from pipeline.train import Preempted, Preemption, run_stage
+    from pipeline.preemption import Preempted, Preemption
+    from pipeline.train import run_stage
 
     Preemption.catch()  # a stop signal from here on is a request: set-up and failure handling run to their end
     die_with_parent()  # that request also comes when the launcher dies

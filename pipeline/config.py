@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import re
 import types
 import typing
@@ -19,7 +20,25 @@ import yaml
 
 from pipeline.models.mixer import REMAT, VARIANTS, MixerSpec
 
-STAGE_KINDS = ("pretrain", "finetune", "eval")
+
+class StageKind(enum.StrEnum):
+    """What a stage does. The rest of the package asks these properties, never the name."""
+
+    PRETRAIN = "pretrain"
+    FINETUNE = "finetune"
+    EVAL = "eval"
+
+    @property
+    def trains(self) -> bool:
+        """It takes optimiser steps, saves checkpoints and exports weights (an eval stage only reads them)."""
+        return self is not StageKind.EVAL
+
+    @property
+    def new_head(self) -> bool:
+        """Its `init_from` weights come without their classifier: a new, zero head for a new label set."""
+        return self is StageKind.FINETUNE
+
+
 # Experiment and stage names become job names, rendezvous ids, MLflow run names and folder names: no spaces, no
 # shell characters.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -127,9 +146,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm gradient clipping; 0 turns it off
 
     @staticmethod
-    def for_kind(kind: str) -> OptimConfig:
+    def for_kind(kind: StageKind | str) -> OptimConfig:
         """Paper defaults: Adam + linear decay for pre-training; momentum SGD + cosine, no decay, to fine-tune."""
-        if kind == "finetune":
+        if kind == StageKind.FINETUNE:
             return OptimConfig(name="sgd", lr=0.03, weight_decay=0.0, schedule="cosine", warmup_steps=500)
         return OptimConfig()
 
@@ -150,7 +169,7 @@ class StageConfig:
     """One step of the experiment. Durations are in optimiser steps."""
 
     name: str
-    kind: str  # "pretrain", "finetune" or "eval"
+    kind: StageKind  # pretrain, finetune or eval
     dataset: str  # a key of `datasets`
     steps: int = 0  # optimiser steps (0 for eval)
     micro_batch: int = 64  # images per rank per forward pass
@@ -178,6 +197,9 @@ class StageConfig:
     log_every: int = 10  # steps between metric logs (losses are averaged over ranks then)
     zero_stage: int | None = None  # overrides `deepspeed.zero_stage` for this stage
     fewshot: FewShotConfig | None = None  # eval stages: linear few-shot evaluation on frozen features
+
+    def __post_init__(self) -> None:
+        self.kind = StageKind(self.kind)  # a stage built in code may name its kind as a string
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimiser step: global batch = micro_batch x accumulation x world size."""
@@ -466,6 +488,11 @@ def _convert(tp: Any, value: Any, where: str, source: Path) -> Any:
                 continue
         expected = " or ".join(_describe(a) for a in options)
         raise ConfigError(f"{source}: {where!r} must be {expected}, got {value!r}")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [member.value for member in tp]
+        if value not in allowed:
+            raise ConfigError(f"{source}: {where!r} is {value!r}; expected one of {allowed}")
+        return tp(value)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: {where!r} is {value!r}; expected one of {list(args)}")
@@ -587,7 +614,6 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         where = f"stages[{stage.name}]"
         if stage.name in seen:
             raise ConfigError(f"{source}: two stages are named {stage.name!r}")
-        _choice(stage.kind, STAGE_KINDS, f"{where}.kind", source)
         if stage.dataset not in cfg.datasets:
             raise ConfigError(f"{source}: '{where}.dataset' is {stage.dataset!r}; datasets: {list(cfg.datasets)}")
         init = stage.init_from
@@ -596,7 +622,7 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
                 f"{source}: '{where}.init_from' is {init!r}: name an earlier stage ({seen}) or a weights file "
                 f"({', '.join(WEIGHT_SUFFIXES)})"
             )
-        if stage.kind == "eval":
+        if not stage.kind.trains:
             if stage.init_from is None:
                 raise ConfigError(f"{source}: '{where}.init_from' is required for an eval stage")
         elif stage.steps < 1:
@@ -606,7 +632,7 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
                 raise ConfigError(f"{source}: '{where}.{key}' must be >= 1")
         if stage.checkpoint_keep < 0 or stage.checkpoint_every_minutes < 0:
             raise ConfigError(f"{source}: '{where}.checkpoint_keep' and checkpoint_every_minutes must be >= 0")
-        if stage.resume_from is not None and stage.kind == "eval":
+        if stage.resume_from is not None and not stage.kind.trains:
             raise ConfigError(f"{source}: '{where}.resume_from' belongs to a training stage")
         if stage.grad_accum is not None and stage.global_batch is not None:
             raise ConfigError(f"{source}: '{where}': set grad_accum or global_batch, not both")
@@ -615,7 +641,7 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from err
         if stage.fewshot is not None:
-            if stage.kind != "eval":
+            if stage.kind.trains:
                 raise ConfigError(f"{source}: '{where}.fewshot' belongs to an eval stage")
             name = stage.fewshot.dataset or stage.dataset
             if name not in cfg.datasets:
@@ -623,7 +649,7 @@ def validate(cfg: ExperimentConfig, source: Path | str = "<config>") -> None:
         if stage.zero_stage is not None:
             _choice(stage.zero_stage, (0, 1, 2, 3), f"{where}.zero_stage", source)
         zero = cfg.deepspeed.zero_stage if stage.zero_stage is None else stage.zero_stage
-        compiled_zero3 = cfg.deepspeed.compile and zero == 3 and stage.kind != "eval"
+        compiled_zero3 = cfg.deepspeed.compile and zero == 3 and stage.kind.trains
         if compiled_zero3 and (cfg.deepspeed.compile_mode != "default" or cfg.deepspeed.fp8 != "none"):
             raise ConfigError(
                 f"{source}: {where} runs ZeRO-3 with deepspeed.compile, which compiles through DeepSpeed's"
@@ -693,6 +719,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -730,3 +758,12 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def stage_params(cfg: ExperimentConfig, stage: StageConfig) -> dict[str, Any]:
+    """The flattened resolved config as one stage sees it: the shared sections plus its own settings (its MLflow
+    params, and the settings its checkpoints record)."""
+    data = to_dict(cfg)
+    data.pop("stages")
+    data["stage"] = to_dict(stage)
+    return flatten(data)

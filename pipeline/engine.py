@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import DeepSpeedConfig, StageConfig
+from pipeline.config import DeepSpeedConfig, OptimConfig, StageConfig
 from pipeline.models.mixer import MixerBlock, StackedBlocks, unstack_state
 
 # DeepSpeed logs every setting at INFO on every rank, and warns when it falls back to the CPU; say it outright.
@@ -96,7 +96,7 @@ def build_config(
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    if stage.kind == "eval":
+    if not stage.kind.trains:
         # No optimiser: only ZeRO-3's parameter partitioning means anything for a forward pass.
         config["zero_optimization"] = {"stage": 3 if zero == 3 else 0}
         return config
@@ -107,44 +107,39 @@ def build_config(
     if optim.grad_clip > 0:
         config["gradient_clipping"] = optim.grad_clip
     if optim.name == "adamw":
-        params: dict[str, Any] = {
-            "lr": optim.lr,
-            "betas": list(optim.betas),
-            "eps": 1e-8,
-            "weight_decay": optim.weight_decay,
-            "torch_adam": True,
-        }
-        # torch's fused AdamW kernel (CUDA and CPU): no JIT-built DeepSpeed op, and it can skip a step on the device
-        # (`engine_patches.skip_steps_on_device`)
-        params["fused"] = True
-        config["optimizer"] = {"type": "AdamW", "params": params}
+        config["optimizer"] = _adamw_config(optim)
     else:
         # DeepSpeed has no plain momentum-SGD type: `build_engine` passes torch.optim.SGD as a client optimiser.
         config["zero_allow_untested_optimizer"] = True
+    config["scheduler"] = _scheduler_config(optim, stage.steps)
+    return config
+
+
+def _adamw_config(optim: OptimConfig) -> dict:
+    params: dict[str, Any] = {
+        "lr": optim.lr,
+        "betas": list(optim.betas),
+        "eps": 1e-8,
+        "weight_decay": optim.weight_decay,
+        "torch_adam": True,
+    }
+    # torch's fused AdamW kernel (CUDA and CPU): no JIT-built DeepSpeed op, and it can skip a step on the device
+    # (`engine_patches.skip_steps_on_device`)
+    params["fused"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def _scheduler_config(optim: OptimConfig, steps: int) -> dict:
+    """Linear warm-up from 0, then linear or cosine decay to 0 at the stage's last step."""
     warmup = max(1, optim.warmup_steps)  # DeepSpeed's schedulers need at least one warm-up step
     if optim.schedule == "linear":
-        config["scheduler"] = {
-            "type": "WarmupDecayLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": optim.lr,
-                "warmup_num_steps": warmup,
-                "total_num_steps": stage.steps,
-                "warmup_type": "linear",
-            },
-        }
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": optim.lr}
+        kind = "WarmupDecayLR"
     else:
-        config["scheduler"] = {
-            "type": "WarmupCosineLR",
-            "params": {
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": 0.0,
-                "warmup_num_steps": warmup,
-                "total_num_steps": stage.steps,
-                "warmup_type": "linear",
-            },
-        }
-    return config
+        params = {"warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}
+        kind = "WarmupCosineLR"
+    params |= {"warmup_num_steps": warmup, "total_num_steps": steps, "warmup_type": "linear"}
+    return {"type": kind, "params": params}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -201,7 +196,7 @@ def build_engine(
     mode = model_compile_mode(config, compile_mode, deepspeed.get_accelerator().device_name(), bool(stacked))
     if mode is not None:
         model.compile(mode=mode)  # nn.Module.compile keeps parameter names: checkpoints stay interchangeable
-    if stage.kind == "eval":
+    if not stage.kind.trains:
         with _quiet():
             engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.checkpoint_engine = SafeCheckpointEngine(engine._config)

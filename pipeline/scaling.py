@@ -29,7 +29,7 @@ from pipeline.layout import RunLayout
 def run_scale_bench(config: str, overrides: list[str], ranks: list[int], zero_stages: list[int], workdir: Path) -> dict:
     """One `mixer run` per (ZeRO stage, ranks) under `workdir`; returns the rows and the efficiencies."""
     cfg = load_config(config, overrides)
-    stage = next(s for s in cfg.stages if s.kind != "eval")
+    stage = next(s for s in cfg.stages if s.kind.trains)
     rows = []
     for zero in zero_stages:
         for n in ranks:

@@ -119,7 +119,7 @@ def check_training_data(cfg: ExperimentConfig, layout: RunLayout) -> None:
             read_index(Path(dataset.path) / dataset.eval_split)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"stage {stage.name} evaluates on datasets.{stage.dataset}'s eval split: {err}") from err
-        if stage.kind == "eval":
+        if not stage.kind.trains:
             continue
         if dataset.num_classes == 1:
             log.warning("stage %s trains on one class (datasets.%s.num_classes): it learns nothing", stage.name,

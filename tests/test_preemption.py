@@ -111,3 +111,18 @@ def test_a_stopped_run_saves_and_the_same_command_continues_it(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED"}, [
         (r.data.tags.get("mlflow.runName"), r.info.status) for r in runs
     ]
+
+
+def test_a_stop_signal_before_the_training_loop_is_kept_as_a_request():
+    # As `mixer stage` does first thing: SIGTERM during set-up (or while a failing rank closes its runs, when torchrun
+    # stops the other ranks) must not end the process there.
+    script = """
+import os, signal, time
+from pipeline.preemption import Preemption
+Preemption.catch()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+print(Preemption().requested)  # the runner's instance, made later, still sees it
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]

@@ -44,6 +44,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -467,6 +468,32 @@ class SlotBatches(torch.utils.data.IterableDataset):
 
 
 # --------------------------------------------------------------------------- the rank's stream
+
+
+class Stream(Protocol):
+    """What the training loop reads: batches, the position to save, and the bad-sample counts. `TrainStream` (CPU
+    decode) is one; `data.gpu.Prefetched` (GPU decode, batches ahead) is one around a `TrainStream`."""
+
+    plan: StreamPlan
+    new_bad: deque[dict]  # bad-sample events since the owner last drained them
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def position(self) -> int: ...  # batches of the current epoch handed out
+
+    @property
+    def read(self) -> int: ...
+
+    @property
+    def bad(self) -> int: ...
+
+    def __next__(self) -> Batch: ...
+
+    def state(self) -> dict: ...
+
+    def close(self) -> None: ...
 
 
 class TrainStream:

@@ -36,6 +36,12 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return ((images.float() - mean) * inv_std).to(dtype)
 
 
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's uint8 batch -> standardised float32 images and labels on `device` (mixup and the model's dtype
+    come after)."""
+    return normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+
+
 @functools.cache
 def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and 1/std in uint8 units, made once per device: a host-to-GPU copy per batch would make
