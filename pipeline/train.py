@@ -67,7 +67,7 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
             "run_id": tracker.run_id,
         }
         if stage.kind.trains:
-            result |= export(cfg, stage, env, engine, tracker, layout, spec, runner.final_tag)
+            result |= runner.export()
         if env.is_primary:
             layout.write_result(result)
         dist.barrier()
@@ -148,32 +148,6 @@ def start_tracking(
     return tracker
 
 
-def export(
-    cfg: ExperimentConfig,
-    stage: StageConfig,
-    env: dist.DistEnv,
-    engine: eng.Engine,
-    tracker: tracking.NullTracker,
-    layout: StageLayout,
-    spec: MixerSpec,
-    tag: str,
-) -> dict:
-    """The stage's last checkpoint and (primary rank) its consolidated weights, registered as a model version
-    where `tracking.log_model` says so; returns their paths for the result."""
-    out = {"checkpoint": str(layout.checkpoints / tag)}
-    if env.is_primary:
-        num_classes = cfg.datasets[stage.dataset].num_classes
-        zero = eng.zero_stage_of(stage, cfg.deepspeed)
-        weights = checkpoint.export(engine, layout, tag, spec, num_classes, zero, cfg.model.gelu)
-        out["weights"] = str(weights)
-        if cfg.tracking.log_model:
-            registered = cfg.tracking.experiment or cfg.name
-            tracker.log_model([weights, layout.model_config], registered, {"stage": stage.name})
-        else:
-            tracker.log_artifact(layout.model_config)
-    return out
-
-
 class StageRunner:
     """The loop of one stage on one rank: step, log, maybe evaluate, maybe save or stop."""
 
@@ -226,6 +200,24 @@ class StageRunner:
         self.last_save = self.window_start = time.time()
         self.tracker.log_metrics({"checkpoint/save_s": self.last_save - started}, step)
         return tag
+
+    def export(self) -> dict:
+        """The stage's last checkpoint and (primary rank) its consolidated weights, registered as a model version
+        where `tracking.log_model` says so; returns their paths for the result."""
+        cfg, layout, tag = self.cfg, self.layout, self.final_tag
+        out = {"checkpoint": str(layout.checkpoints / tag)}
+        if self.env.is_primary:
+            zero = eng.zero_stage_of(self.stage, cfg.deepspeed)
+            weights = checkpoint.export(
+                self.engine, layout, tag, self.spec, self.dataset.num_classes, zero, cfg.model.gelu
+            )
+            out["weights"] = str(weights)
+            if cfg.tracking.log_model:
+                registered = cfg.tracking.experiment or cfg.name
+                self.tracker.log_model([weights, layout.model_config], registered, {"stage": self.stage.name})
+            else:
+                self.tracker.log_artifact(layout.model_config)
+        return out
 
     def train(self, start_step: int, data_state: dict | None) -> dict:
         """The remaining steps, the final checkpoint (`final_tag`), then the final evaluation: saved first, so that
