@@ -227,8 +227,8 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
         quality=args.quality,
     )
     console.print(
-        f"wrote {index.num_samples} samples of {len(classes) or 'integer-labelled'} classes in {len(index.shards)} "
-        f"shards to {index.root} ({report['resumed_shards']} already complete)"
+        f"wrote {index.num_samples} samples of {len(classes) or 'integer-labelled'} classes in {len(index.urls)} "
+        f"shards to {Path(args.out).resolve()} ({report['resumed_shards']} already complete)"
     )
     if report["failed"]:
         console.print(f"[yellow]{len(report['failed'])} images failed to decode and were left out[/] (report.json)")
@@ -237,14 +237,14 @@ def cmd_shards_write(args: argparse.Namespace) -> int:
 
 def cmd_shards_index(args: argparse.Namespace) -> int:
     """Count the samples of existing shards (any writer; local, pipe: or fsspec URLs) and write their index."""
-    from pipeline.data.sources import expand, write_index
+    from pipeline.data.sources import expand, index_shards
 
     urls = expand(args.shards) if "{" in args.shards or "::" in args.shards else [args.shards]
     if len(urls) == 1 and Path(urls[0]).is_dir():
         urls = sorted(str(p) for p in Path(urls[0]).glob("*.tar"))
     out = Path(args.out) if args.out else Path(urls[0]).parent / "index.json"
     classes = args.classes.split(",") if args.classes else []
-    path = write_index(urls, out, classes, progress=lambda url, n: console.print(f"{url}: {n} samples"))
+    path = index_shards(urls, out, classes, progress=lambda url, n: console.print(f"{url}: {n} samples"))
     console.print(f"indexed {len(urls)} shards -> {path}")
     return 0
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pipeline import dist, tracking
 from pipeline.config import ExperimentConfig, FewShotConfig, StageConfig
-from pipeline.data.shards import ShardIndex, read_index
+from pipeline.data.index import ShardIndex, read_index
 from pipeline.data.stream import eval_batches
 from pipeline.data.transforms import eval_transform, to_device
 from pipeline.fewshot import fewshot_accuracy
@@ -87,7 +87,7 @@ class Evaluator:
             seen += labels.numel()
         correct1, correct5, loss_sum, seen = dist.all_reduce_sum([correct1, correct5, loss_sum, seen])
         if seen == 0:
-            raise RuntimeError(f"no readable samples in {index.root}")
+            raise RuntimeError(f"no readable samples in {index.name}")
         return {
             f"{prefix}/top1": correct1 / seen,
             f"{prefix}/top5": correct5 / seen,

@@ -25,8 +25,8 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data import synthetic
-from pipeline.data.shards import INDEX_NAME, read_index
-from pipeline.data.sources import DataError, prepare_sources
+from pipeline.data.index import INDEX_NAME, DataError, read_index
+from pipeline.data.sources import prepare_sources
 from pipeline.data.stream import stream_plan
 from pipeline.launch import PARENT_PID
 from pipeline.layout import RunLayout

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_exported
 from pipeline.config import AugmentConfig
-from pipeline.data.shards import read_index
+from pipeline.data.index import read_index
 from pipeline.data.stream import eval_batches
 from pipeline.data.transforms import eval_transform, normalize
 from pipeline.dist import free_port

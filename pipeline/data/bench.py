@@ -26,7 +26,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import AugmentConfig
-from pipeline.data.sources import Source, ensure_index, read_index_file
+from pipeline.data.index import ShardIndex, read_index
+from pipeline.data.sources import ensure_index
 from pipeline.data.stream import StreamPlan, TrainStream, cpu_prepare
 from pipeline.data.synthetic import make_photo_shards
 from pipeline.data.transforms import normalize, stack_images, train_transform
@@ -70,16 +71,16 @@ def one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def bench_source(shards: str | None, generate: int) -> Source:
+def bench_source(shards: str | None, generate: int) -> ShardIndex:
     """The shards to read: `shards` (a folder with index.json or a shard pattern), or `generate` 500x375 JPEGs made
     once under $MIXER_BENCH_CACHE (default: the temporary folder) and reused."""
     if shards is None:
         cache = Path(os.environ.get("MIXER_BENCH_CACHE", tempfile.gettempdir())) / f"mixer-bench-photos-{generate}"
         shards = str(make_photo_shards(cache, generate))
-    return read_index_file(ensure_index(shards, None, Path(tempfile.mkdtemp(prefix="mixer-bench-index-"))))
+    return read_index(ensure_index(shards, None, Path(tempfile.mkdtemp(prefix="mixer-bench-index-"))))
 
 
-def bench_plan(source: Source, workers: int, batch: int) -> StreamPlan:
+def bench_plan(source: ShardIndex, workers: int, batch: int) -> StreamPlan:
     """Resampled training order over `source` for one rank, in epochs as long as a real corpus's (thousands of
     batches) rather than the benchmark set's."""
     return StreamPlan((source,), "resampled", 0, 1, workers, batch, 0, 1000, 100 * source.num_samples)
@@ -102,7 +103,7 @@ def naive_baseline(urls: list[str], images: int, image_size: int) -> tuple[float
 
 
 def loader_rate(
-    source: Source, *, workers: int, batch: int, batches: int, image_size: int, decode: str, randaugment: int
+    source: ShardIndex, *, workers: int, batch: int, batches: int, image_size: int, decode: str, randaugment: int
 ) -> dict:
     """Images/s of the training stream, including the step to model input on the device, and the CPU seconds
     its workers and this process spent per image."""

@@ -25,8 +25,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "mixer-shards/1"
+from pipeline.data.index import ShardIndex, read_index, write_index
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # GNU headers with whole-second mtimes: one 512-byte header per member, where the default PAX format adds an
 # extended header to each (float mtime) that readers then parse; a fixed mtime makes shards byte-reproducible.
@@ -40,32 +40,6 @@ class Sample:
     ext: str  # "jpg", "png" or "webp"
     label: int
     meta: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """What `index.json` says of one split: shard paths (absolute) and sample counts."""
-
-    root: Path
-    shards: tuple[str, ...]
-    counts: tuple[int, ...]
-    classes: tuple[str, ...]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
-
-    def head(self, num_samples: int) -> ShardIndex:
-        """The leading shards that hold at least `num_samples` samples (all of them if fewer)."""
-        total, n = 0, 0
-        while n < len(self.counts) and total < num_samples:
-            total += self.counts[n]
-            n += 1
-        return ShardIndex(self.root, self.shards[:n], self.counts[:n], self.classes)
-
-    @property
-    def urls(self) -> list[str]:
-        return [str(self.root / name) for name in self.shards]
 
 
 def write_shards(
@@ -102,32 +76,8 @@ def write_shards(
             counts[name] = counts.get(name, 0) + 1
             bar.update(1)
     bar.close()
-    index = {
-        "format": INDEX_FORMAT,
-        "num_samples": sum(counts.values()),
-        "classes": list(classes),
-        "shards": [{"url": name, "num_samples": n, "bytes": (out / name).stat().st_size} for name, n in counts.items()],
-    }
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
-    return read_index(out)
-
-
-def read_index(split_dir: str | Path) -> ShardIndex:
-    """Load `split_dir/index.json`; a clear error if it is missing or not ours."""
-    root = Path(split_dir).resolve()
-    path = root / INDEX_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"no shard index at {path}: write the shards with `mixer shards write`")
-    data = json.loads(path.read_text())
-    if data.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: format is {data.get('format')!r}, expected {INDEX_FORMAT!r}")
-    shards = data["shards"]
-    return ShardIndex(
-        root=root,
-        shards=tuple(s["url"] for s in shards),
-        counts=tuple(int(s["num_samples"]) for s in shards),
-        classes=tuple(data.get("classes", ())),
-    )
+    shards = [{"url": name, "num_samples": n, "bytes": (out / name).stat().st_size} for name, n in counts.items()]
+    return read_index(write_index(out, shards, classes))
 
 
 # --------------------------------------------------------------------------- the scalable writer
@@ -310,20 +260,14 @@ def write_dataset_shards(
             bar.update(record["num_samples"] + len(record["failed"]))
     bar.close()
     shards = [records[name] for name in names]
-    index = {
-        "format": INDEX_FORMAT,
-        "num_samples": sum(r["num_samples"] for r in shards),
-        "classes": list(classes),
-        "shards": [{k: r[k] for k in ("url", "num_samples", "bytes")} for r in shards],
-    }
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    index = read_index(write_index(out, [{k: r[k] for k in ("url", "num_samples", "bytes")} for r in shards], classes))
     failed = [f for r in shards for f in r["failed"]]
     report = {
         "items": len(items),
-        "written": index["num_samples"],
+        "written": index.num_samples,
         "failed": failed,
         "shards": len(shards),
         "resumed_shards": len(names) - len(todo),
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1))
-    return read_index(out), report
+    return index, report

@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import json
 import logging
 import tarfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,35 +23,10 @@ import webdataset as wds
 from webdataset import tariterators
 
 from pipeline.config import DatasetConfig, SourceConfig
-from pipeline.data.shards import INDEX_FORMAT, INDEX_NAME
+from pipeline.data.index import INDEX_NAME, ShardIndex, is_remote, read_index, write_index
 
 log = logging.getLogger(__name__)
 wds_gopen = importlib.import_module("webdataset.gopen")  # the module (the package exports a function of that name)
-
-
-class DataError(RuntimeError):
-    """The data cannot feed the run: a source without samples, or more bad samples than allowed."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """One stream of shards with their sample counts; `weight` sets its share when several are mixed."""
-
-    name: str
-    urls: tuple[str, ...]
-    counts: tuple[int, ...]
-    weight: float = 1.0
-    classes: tuple[str, ...] = ()
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
-
-
-def is_remote(url: str) -> bool:
-    """Anything with a scheme (pipe:, s3://, https://, ...) other than file://."""
-    scheme = urlparse(url).scheme
-    return scheme not in ("", "file") and not (len(scheme) == 1 and url[1:3] in (":\\", ":/"))
 
 
 def is_pattern(url: str) -> bool:
@@ -114,13 +87,12 @@ def expand(pattern: str) -> list[str]:
     return wds.shardlists.expand_urls(pattern)
 
 
-def write_index(urls: list[str], out: str | Path, classes: list[str] | tuple[str, ...] = (), progress=None) -> Path:
+def index_shards(urls: list[str], out: str | Path, classes: list[str] | tuple[str, ...] = (), progress=None) -> Path:
     """Count the samples of existing shards (written by any tool) and write an index for them.
 
     Shards in the index's own folder are stored by name, so the folder can move; others by full URL.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     entries = []
     for url in urls:
         count = count_samples(url)
@@ -128,57 +100,7 @@ def write_index(urls: list[str], out: str | Path, classes: list[str] | tuple[str
         entries.append({"url": Path(url).name if local else url, "num_samples": count})
         if progress is not None:
             progress(url, count)
-    index = {
-        "format": INDEX_FORMAT,
-        "num_samples": sum(e["num_samples"] for e in entries),
-        "classes": list(classes),
-        "shards": entries,
-    }
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(out)
-    return out
-
-
-def read_index_file(location: str, declared: tuple[str, ...] | list[str] = ()) -> Source:
-    """An index (local path or URL) -> its shards, resolved against the index's own folder or URL prefix.
-
-    An index is data, not a command: its entries may name files (relative to the index, local paths beside a local
-    index, or URLs of the index's own scheme), and other schemes, `pipe:` above all (webdataset runs it through a
-    shell), only where the config's source spelled that very URL (`declared`: the source's expanded pattern)."""
-    try:
-        if is_remote(location):
-            with fsspec.open(location, "rt") as f:
-                data = json.load(f)
-        else:
-            data = json.loads(Path(location).read_text())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"no shard index at {location}: write shards with `mixer shards write`, or index existing ones with "
-            f"`mixer shards index`"
-        ) from err
-    if data.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{location}: format is {data.get('format')!r}, expected {INDEX_FORMAT!r}")
-    base = location.rsplit("/", 1)[0] if is_remote(location) else str(Path(location).resolve().parent)
-    own_scheme = urlparse(location).scheme if is_remote(location) else ""
-    urls = []
-    for entry in data["shards"]:
-        url = entry["url"]
-        scheme = urlparse(url).scheme if is_remote(url) else ""
-        if url not in declared and (scheme != own_scheme if scheme else own_scheme and Path(url).is_absolute()):
-            raise DataError(
-                f"{location}: shard entry {url!r} is not a file of this data set; an index names its shards "
-                "relative to itself or by its own scheme. A pipe: command or another scheme belongs in the "
-                "config (the source's url), which then needs this index to list exactly those URLs"
-            )
-        relative = not is_remote(url) and not Path(url).is_absolute()
-        urls.append(f"{base}/{url}" if relative else url)
-    return Source(
-        name=location,
-        urls=tuple(urls),
-        counts=tuple(int(e["num_samples"]) for e in data["shards"]),
-        classes=tuple(data.get("classes", ())),
-    )
+    return write_index(out, entries, classes)
 
 
 def index_location(url: str, index: str | None, cache_dir: Path) -> str:
@@ -213,7 +135,7 @@ def ensure_index(url: str, index: str | None, cache_dir: Path) -> str:
             "the source's `index`"
         )
     log.warning("indexing %d shards of %s (once; they have no index.json)", len(urls), url)
-    return str(write_index(urls, location))
+    return str(index_shards(urls, location))
 
 
 def source_configs(dataset: DatasetConfig) -> list[SourceConfig]:
@@ -221,11 +143,11 @@ def source_configs(dataset: DatasetConfig) -> list[SourceConfig]:
     return dataset.sources or [SourceConfig(url=str(Path(dataset.path) / dataset.train_split))]
 
 
-def training_sources(dataset: DatasetConfig, cache_dir: Path) -> tuple[Source, ...]:
+def training_sources(dataset: DatasetConfig, cache_dir: Path) -> tuple[ShardIndex, ...]:
     """The dataset's training sources read from their indexes (every rank calls this after `prepare_sources`)."""
     return tuple(
         dataclasses.replace(
-            read_index_file(index_location(s.url, s.index, cache_dir), expand(s.url) if is_pattern(s.url) else ()),
+            read_index(index_location(s.url, s.index, cache_dir), expand(s.url) if is_pattern(s.url) else ()),
             name=s.url,
             weight=s.weight,
         )
@@ -233,7 +155,7 @@ def training_sources(dataset: DatasetConfig, cache_dir: Path) -> tuple[Source, .
     )
 
 
-def prepare_sources(dataset: DatasetConfig, cache_dir: Path) -> tuple[Source, ...]:
+def prepare_sources(dataset: DatasetConfig, cache_dir: Path) -> tuple[ShardIndex, ...]:
     """Before launch: index shards that have none, then read every source (a missing one fails here, not in a rank)."""
     for s in source_configs(dataset):
         ensure_index(s.url, s.index, cache_dir)

@@ -51,8 +51,9 @@ import torch
 import webdataset as wds
 
 from pipeline.config import ExperimentConfig, StageConfig
-from pipeline.data.shards import IMAGE_EXTENSIONS, ShardIndex
-from pipeline.data.sources import DataError, Source, iter_shard, open_shard
+from pipeline.data.index import DataError, ShardIndex
+from pipeline.data.shards import IMAGE_EXTENSIONS
+from pipeline.data.sources import iter_shard, open_shard
 from pipeline.data.transforms import decode
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ cpu_prepare = CpuPrepare
 class StreamPlan:
     """Everything that fixes one rank's training sample sequence."""
 
-    sources: tuple[Source, ...]
+    sources: tuple[ShardIndex, ...]
     mode: str  # "split" or "resampled"
     rank: int
     world_size: int
@@ -216,7 +217,7 @@ class StreamPlan:
 
 
 def stream_plan(
-    cfg: ExperimentConfig, stage: StageConfig, rank: int, world_size: int, sources: tuple[Source, ...]
+    cfg: ExperimentConfig, stage: StageConfig, rank: int, world_size: int, sources: tuple[ShardIndex, ...]
 ) -> StreamPlan:
     """The plan of one training stage on one rank; each stage draws its own sample order."""
     data = cfg.data
@@ -250,7 +251,7 @@ def split_shares(counts: tuple[int, ...], num_slots: int, seed: int) -> list[lis
 class ShardSequence:
     """An endless sequence of a source's shards; sample positions along it come from the index counts."""
 
-    def __init__(self, source: Source, pick: Callable[[int], int]) -> None:
+    def __init__(self, source: ShardIndex, pick: Callable[[int], int]) -> None:
         self.source = source
         self._pick = pick  # i-th shard of the sequence (called for i = 0, 1, 2, ... in order)
         self.shards: list[int] = []

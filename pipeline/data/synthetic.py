@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data.shards import Sample, ShardIndex, write_shards
+from pipeline.data.index import ShardIndex
+from pipeline.data.shards import Sample, write_shards
 
 SUPERSAMPLE = 4  # draw large, then downsample: smooth edges like a photographed object
 

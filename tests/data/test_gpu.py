@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.config import AugmentConfig
 from pipeline.data import gpu
 from pipeline.data.gpu import GpuAugment, GpuPrepare, Prefetched, pack, resized_crops
-from pipeline.data.shards import read_index
+from pipeline.data.index import read_index
 from pipeline.data.stream import StreamPlan, TrainStream
 from pipeline.data.transforms import decode
 
@@ -71,9 +71,9 @@ def test_batched_resized_crops_match_antialiased_interpolate_per_image(budget, d
 
 def test_gpu_prepared_stream_resumes_exactly(shapes_shards):
     index = read_index(shapes_shards)
-    from pipeline.data.sources import Source
+    from pipeline.data.index import ShardIndex
 
-    source = Source("s", tuple(index.urls), index.counts)
+    source = ShardIndex("s", tuple(index.urls), index.counts)
     plan = StreamPlan((source,), "split", 0, 1, 1, 8, 3, 50, 300)
     prepare = GpuPrepare(AugmentConfig(randaugment_magnitude=5))
     augment = GpuAugment(AugmentConfig(randaugment_magnitude=5), 16, torch.device("cpu"))
@@ -102,9 +102,9 @@ def test_prefetched_stream_hands_out_the_same_batches_and_the_position_of_those(
     """One batch ahead on a thread: same images (RandAugment still drawn per step by the caller), and the saved
     position and bad counts are those of the batches handed out, so a resume continues where training was."""
     index = read_index(shapes_shards)
-    from pipeline.data.sources import Source
+    from pipeline.data.index import ShardIndex
 
-    source = Source("s", tuple(index.urls), index.counts)
+    source = ShardIndex("s", tuple(index.urls), index.counts)
     plan = StreamPlan((source,), "split", 0, 1, 1, 8, 2, 50, 300)
     cfg = AugmentConfig(randaugment_magnitude=5)
     augment = GpuAugment(cfg, 16, torch.device("cpu"))
@@ -142,7 +142,7 @@ def test_prefetched_stream_hands_out_the_same_batches_and_the_position_of_those(
 def test_jpegs_that_only_the_gpu_finds_undecodable_are_bad_samples_and_stop_the_run(tmp_path, shapes_shards):
     """A JPEG whose header reads passes the worker (which reads only the header on this path); when its data then
     fails to decode on the device it is counted, named and judged like any other bad sample, not silently replaced."""
-    from pipeline.data.sources import DataError, Source
+    from pipeline.data.index import DataError, ShardIndex
 
     samples = [dict(s) for s in wds.WebDataset(read_index(shapes_shards).urls, shardshuffle=False)][:200]
     shard = tmp_path / "cut.tar"
@@ -150,7 +150,7 @@ def test_jpegs_that_only_the_gpu_finds_undecodable_are_bad_samples_and_stop_the_
         for i, s in enumerate(samples):
             jpg = s["jpg"][:-60] if i % 8 == 5 else s["jpg"]  # 1 in 8: the header parses, the body does not
             sink.write({"__key__": s["__key__"], "jpg": jpg, "cls": s["cls"]})
-    source = Source("cut", (str(shard),), (200,))
+    source = ShardIndex("cut", (str(shard),), (200,))
     cfg = AugmentConfig(crop="resize", flip=False)
     augment = GpuAugment(cfg, 16, torch.device("cpu"))
 

@@ -8,7 +8,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shards import items_from_folder, items_from_manifest, read_index, write_dataset_shards
+from pipeline.data.index import read_index
+from pipeline.data.shards import items_from_folder, items_from_manifest, write_dataset_shards
 from tests.conftest import run_mixer
 
 
@@ -52,7 +53,7 @@ def test_shards_are_readable_by_plain_webdataset(tmp_path):
 def test_size_limit_splits_shards(tmp_path):
     classes, items = items_from_folder(make_folder(tmp_path / "src", per_class=(10, 10)))
     index, _ = write(items, tmp_path / "out", classes=classes, max_bytes=2500)
-    assert len(index.shards) > 2 and index.num_samples == 20
+    assert len(index.urls) > 2 and index.num_samples == 20
 
 
 def test_undecodable_images_are_left_out_and_reported(tmp_path):

@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipeline.config import AugmentConfig
 from pipeline.data import synthetic
-from pipeline.data.shards import read_index
-from pipeline.data.sources import DataError, Source, ensure_index, expand, read_index_file, write_index
+from pipeline.data.index import DataError, ShardIndex, read_index
+from pipeline.data.sources import ensure_index, expand, index_shards
 from pipeline.data.stream import (
     SourceMixer,
     StreamPlan,
@@ -31,13 +31,13 @@ from tests.conftest import run_mixer
 PREPARE = cpu_prepare(train_transform(AugmentConfig(crop_scale=(0.5, 1.0)), 16))
 
 
-def uneven_shards(root: Path, sizes: tuple[int, ...]) -> Source:
+def uneven_shards(root: Path, sizes: tuple[int, ...]) -> ShardIndex:
     """Shards of the given sample counts, written by the project's writer (one call per shard)."""
     root.mkdir(parents=True, exist_ok=True)
     for i, n in enumerate(sizes):
         synthetic.write_dataset("shapes", root / f"part{i}", samples=n, size=16, seed=i, max_count=n)
         (root / f"part{i}" / "shard-000000.tar").rename(root / f"s{i}.tar")
-    return read_index_file(ensure_index(str(root), None, root))
+    return read_index(ensure_index(str(root), None, root))
 
 
 def plan_for(source, *, rank=0, world=1, workers=0, batch=8, mode="split", block=40, sources=None, epoch=None):
@@ -106,7 +106,7 @@ def test_workers_run_on_into_the_next_epoch_in_step_with_each_other(tmp_path):
     assert (state["epoch"], state["position"]) == (epochs, 0)
 
 
-def _rank_main(rank: int, source: Source, out: str, port: int) -> None:
+def _rank_main(rank: int, source: ShardIndex, out: str, port: int) -> None:
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     plan = plan_for(source, rank=rank, world=2, workers=1, batch=10)
     steps = 0
@@ -196,7 +196,7 @@ def test_world_size_change_remaps_by_global_sample_count(tmp_path):
         assert (resumed.epoch, resumed.position) == (0, 3)  # 80 // 24
 
 
-def corrupt_shards(root: Path) -> Source:
+def corrupt_shards(root: Path) -> ShardIndex:
     """Three shards of 20: one holds a corrupt JPEG and a sample without a label; one is truncated mid-member."""
     root.mkdir()
     synthetic.write_dataset("shapes", root / "src", samples=60, size=16, seed=0, max_count=20)
@@ -229,7 +229,7 @@ def corrupt_shards(root: Path) -> Source:
             }
         )
     )
-    return read_index_file(str(index_file))
+    return read_index(str(index_file))
 
 
 def test_bad_samples_and_truncated_members_are_skipped_and_counted(tmp_path):
@@ -266,7 +266,7 @@ def test_too_many_bad_samples_stop_the_run(tmp_path):
 
 def test_a_shard_that_does_not_open_is_skipped_and_reported(tmp_path):
     source = uneven_shards(tmp_path / "s", (30, 30))
-    missing = Source("gone", (source.urls[0], str(tmp_path / "missing.tar")), (30, 30))
+    missing = ShardIndex("gone", (source.urls[0], str(tmp_path / "missing.tar")), (30, 30))
     with TrainStream(plan_for(missing, batch=10, mode="resampled"), PREPARE, max_bad_fraction=1.0) as stream:
         take(stream, 8)
         assert stream.bad_by_shard[str(tmp_path / "missing.tar")] >= 30
@@ -286,7 +286,7 @@ def test_foreign_shards_with_other_keys_and_labels(tmp_path):
             label = [{"cls": i % 4}, {"txt": str(i % 4)}, {"json": {"label": i % 4}}][(i // 3) % 3]
             sink.write({"__key__": f"img{i:04d}", ext: buf.getvalue(), **label})
     location = ensure_index(str(root), None, tmp_path)  # no index.json: counted once, written beside the shards
-    source = read_index_file(location)
+    source = read_index(location)
     assert source.counts == (12, 12, 12) and Path(location) == root / "index.json"
     with TrainStream(plan_for(source, batch=6, block=36), PREPARE, max_bad_fraction=0.0) as stream:
         batches = [next(stream) for _ in range(6)]
@@ -299,10 +299,8 @@ def test_pipe_and_fsspec_sources(tmp_path):
     pattern = f"pipe:cat {tmp_path}/s/s{{0..1}}.tar"
     with pytest.raises(ValueError, match="mixer shards index"):
         ensure_index(pattern, None, tmp_path / "cache")  # streaming every remote shard at launch: not silently
-    write_index(expand(pattern), tmp_path / "pipe-index.json")  # what `mixer shards index PATTERN` does
-    piped = read_index_file(
-        ensure_index(pattern, str(tmp_path / "pipe-index.json"), tmp_path / "cache"), expand(pattern)
-    )
+    index_shards(expand(pattern), tmp_path / "pipe-index.json")  # what `mixer shards index PATTERN` does
+    piped = read_index(ensure_index(pattern, str(tmp_path / "pipe-index.json"), tmp_path / "cache"), expand(pattern))
     assert piped.counts == (20, 20) and piped.urls[0] == f"pipe:cat {tmp_path}/s/s0.tar"
     with TrainStream(plan_for(piped, batch=8), PREPARE) as stream:
         via_pipe = take(stream, 4)
@@ -316,7 +314,7 @@ def test_pipe_and_fsspec_sources(tmp_path):
         fs.pipe(f"/bucket/{Path(url).name}", Path(url).read_bytes())
     fs.pipe("/bucket/index.json", json.dumps({"format": "mixer-shards/1", "shards": [
         {"url": "s0.tar", "num_samples": 20}, {"url": "s1.tar", "num_samples": 20}]}).encode())  # fmt: skip
-    remote = read_index_file("memory://bucket/index.json")
+    remote = read_index("memory://bucket/index.json")
     assert remote.urls == ("memory://bucket/s0.tar", "memory://bucket/s1.tar")
     with TrainStream(plan_for(remote, batch=8), PREPARE) as stream:
         assert same(via_pipe, take(stream, 4), keys_only_after_hash=True)
@@ -325,7 +323,7 @@ def test_pipe_and_fsspec_sources(tmp_path):
 def test_sources_mix_by_weight_and_resume(tmp_path):
     a = uneven_shards(tmp_path / "a", (100, 100))
     b = uneven_shards(tmp_path / "b", (100, 100))
-    a, b = Source("a", a.urls, a.counts, 3.0), Source("b", b.urls, b.counts, 1.0)
+    a, b = ShardIndex("a", a.urls, a.counts, 3.0), ShardIndex("b", b.urls, b.counts, 1.0)
     plan = plan_for(a, sources=(a, b), batch=10, workers=1)
     with TrainStream(plan, PREPARE) as stream:
         reference = take(stream, 30)
@@ -377,7 +375,7 @@ def test_an_index_cannot_run_a_command_or_reach_another_scheme(tmp_path):
             prepare_sources(DatasetConfig(path=str(tmp_path), num_classes=4, train_split="s"), tmp_path / "cache")
         assert not planted.exists()
     pattern = f"pipe:cat {tmp_path}/s/s{{0..1}}.tar"
-    write_index(expand(pattern), tmp_path / "pipe-index.json")
+    index_shards(expand(pattern), tmp_path / "pipe-index.json")
     config = DatasetConfig(path=str(tmp_path), num_classes=4, sources=[SourceConfig(url=pattern, index=str(
         tmp_path / "pipe-index.json"))])  # fmt: skip
     assert prepare_sources(config, tmp_path / "cache")[0].counts == source.counts

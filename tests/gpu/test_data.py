@@ -7,8 +7,7 @@ import webdataset as wds
 
 from pipeline.config import AugmentConfig
 from pipeline.data.gpu import GpuAugment, GpuPrepare, Prefetched, pack
-from pipeline.data.shards import read_index
-from pipeline.data.sources import Source
+from pipeline.data.index import ShardIndex, read_index
 from pipeline.data.stream import CpuPrepare, StreamPlan, TrainStream
 from pipeline.data.transforms import train_transform
 
@@ -53,7 +52,7 @@ def test_prefetched_side_stream_hands_out_the_loaders_batches_in_order(gpu_shape
     """Two batches decoded ahead on their own CUDA stream and thread: the same images and labels, in the same order,
     as decoding each batch on the training stream when it is needed."""
     index = read_index(gpu_shapes / "train")
-    source = Source("s", tuple(index.urls), index.counts)
+    source = ShardIndex("s", tuple(index.urls), index.counts)
     plan = StreamPlan((source,), "split", 0, 1, 2, 64, 5, 200, 2048)
     cfg = AugmentConfig(randaugment_magnitude=5)
     augment = GpuAugment(cfg, 32, CUDA)
