@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import dist, rng, weights
 from pipeline.config import ConfigError, ExperimentConfig, StageConfig
-from pipeline.data.sources import training_sources
+from pipeline.data.index import ShardIndex
 from pipeline.layout import RunLayout, StageLayout
 from pipeline.models.mixer import MixerSpec, MlpMixer, grow_resolution
 
@@ -358,11 +358,10 @@ def rng_state(directory: Path, tag: str, rank: int) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def fingerprint(cfg: ExperimentConfig, stage: StageConfig, spec: MixerSpec) -> dict:
-    """What a checkpoint must share with the config that loads it. The data set is known by its shards' counts,
-    not its location: copying shards to another disk is harmless."""
+def fingerprint(cfg: ExperimentConfig, stage: StageConfig, spec: MixerSpec, sources: tuple[ShardIndex, ...]) -> dict:
+    """What a checkpoint must share with the config that loads it. The data set is known by its training sources'
+    shard counts (`data.sources.training_sources`), not its location: copying shards to another disk is harmless."""
     dataset = cfg.datasets[stage.dataset]
-    sources = training_sources(dataset, RunLayout(Path(cfg.output_dir)).data_index)
     return {
         "model": dataclasses.asdict(spec),
         "gelu": cfg.model.gelu,

@@ -1,23 +1,22 @@
-"""`mixer`: parse -> build -> run -> close. Library code raises; only this module turns errors into exit codes."""
+"""`mixer`: parse -> build -> run -> close. Library code raises; EXIT_CODES here turns its errors into exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
-from pipeline import dist, stages
+from pipeline import bench, dist, stages
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config, read_header
+from pipeline.console import console
+from pipeline.data.index import DataError
 from pipeline.stages import REQUEUE_EXIT, StageFailed, StagePreempted
-
-# Logs and CI have no terminal width: give tables room rather than cutting paths.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+from pipeline.submit import SubmitError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -110,13 +109,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return REQUEUE_EXIT  # checkpoint saved; the scheduler should run this again
     except BaseException as err:
         if args.submitted:  # a cluster job: nobody else will close the experiment's run
-            _close_parent(cfg, args.parent_run_id, "FAILED")
+            stages.close_submitted_experiment(cfg, args.parent_run_id, "FAILED")
         if not isinstance(err, Exception):
             raise
         _report_rank_error(cfg, args.name, err)
         return 1
     if args.submitted and args.last:
-        _close_parent(cfg, args.parent_run_id, "FINISHED")
+        stages.close_submitted_experiment(cfg, args.parent_run_id, "FINISHED")
     return 0
 
 
@@ -139,34 +138,12 @@ def _report_rank_error(cfg, stage: str, err: Exception) -> None:
         print(f"mixer: error: {message} ({where})\n" + "".join(traceback.format_exception(err)), file=sys.stderr)
 
 
-def _close_parent(cfg, run_id: str | None, status: str) -> None:
-    """On the primary rank of a submitted job: the stages' summaries on the experiment's run, and its status."""
-    from pathlib import Path
-
-    from pipeline import tracking
-    from pipeline.layout import RunLayout
-
-    if dist.read_env("cpu").rank != 0:
-        return
-    parent = tracking.existing_run(cfg, run_id)
-    layout = RunLayout(Path(cfg.output_dir))
-    for stage in cfg.stages:
-        result = layout.stage(stage.name).read_result()
-        if result is not None:
-            stages.log_stage_summary(parent, stage.name, result)
-    parent.finish(status)
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     """Every stage as a cluster job, each starting when the one before it finished; or the job files only."""
-    from pipeline.submit import SubmitError, submit
+    from pipeline.submit import submit
 
     cfg = load_config(args.config, args.overrides, gpus="cluster")  # ranks sized to the cluster's nodes
-    try:
-        jobs = submit(cfg, args.to, read_header(args.config))
-    except SubmitError as err:
-        print(f"mixer: error: {err}", file=sys.stderr)
-        return 1
+    jobs = submit(cfg, args.to, read_header(args.config))
     titles = {"slurm": "submitted to Slurm", "k8s": "applied to Kubernetes", "print": "job files"}
     table = Table(title=f"{cfg.name}: {titles[args.to]}")
     for column in ("stage", "job file", "job id"):
@@ -249,41 +226,6 @@ def cmd_shards_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_data(args: argparse.Namespace) -> int:
-    """Loader images/s from shards vs a naive single-process PIL loader, measured in the same run."""
-    from pipeline.data.bench import run_data_bench
-
-    result = run_data_bench(
-        args.shards,
-        workers=args.workers,
-        batch=args.batch,
-        batches=args.batches,
-        image_size=args.image_size,
-        decode=args.decode,
-        randaugment=args.randaugment,
-        baseline_images=args.baseline_images,
-        generate=args.generate,
-    )
-    table = Table(title=f"loader, {result['samples']} samples, {result['image_size']}px crops")
-    for column in ("loader", "workers", "img/s", "img/s per worker", "img per CPU-s", "per core vs naive"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        "naive PIL (1 process)", "0", f"{result['baseline_images_per_s']:.0f}", "",
-        f"{result['baseline_images_per_cpu_s']:.0f}", "1.00x",
-    )  # fmt: skip
-    table.add_row(
-        f"ours, {result['decode']} decode",
-        str(result["workers"]),
-        f"{result['images_per_s']:.0f}",
-        f"{result['images_per_s_per_worker']:.0f} ({result['per_worker_speedup']:.2f}x)",
-        f"{result['images_per_cpu_s']:.0f}",
-        f"{result['per_core_speedup']:.2f}x",
-    )
-    console.print(table)
-    _write_json(result, args.json)
-    return 0
-
-
 def cmd_weights_import(args: argparse.Namespace) -> int:
     """An official/big_vision .npz or a timm state dict -> our safetensors export (+ model.json), for init_from."""
     from pipeline import weights
@@ -312,14 +254,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     uri = args.uri or tracking.tracking_uri(TrackingConfig())
     metrics = tuple(args.metrics)
-    try:
-        runs = compare.stage_runs(tracking.open_client(uri), args.experiment, args.stage, args.max_runs, metrics)
-    except LookupError as err:
-        print(f"mixer: error: {err} in {uri}", file=sys.stderr)
-        return 2
+    runs = compare.stage_runs(tracking.open_client(uri), args.experiment, args.stage, args.max_runs, metrics)
     if not runs:
-        print(f"mixer: error: experiment {args.experiment!r} has no stage runs in {uri}", file=sys.stderr)
-        return 2
+        raise LookupError(f"experiment {args.experiment!r} has no stage runs in {uri}")
     console.print(f"[bold]{args.experiment}[/]: {len(runs)} stage runs ({uri})")
     for table in compare.tables(runs, console.width):
         console.print(table)
@@ -333,139 +270,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A sharded checkpoint -> consolidated fp32 weights (safetensors) + model.json, loadable with no DeepSpeed."""
     from pipeline import checkpoint
 
-    try:
-        exported = checkpoint.export_checkpoint(args.source, args.out)
-    except checkpoint.CheckpointError as err:
-        print(f"mixer: error: {err}", file=sys.stderr)
-        return 2
+    exported = checkpoint.export_checkpoint(args.source, args.out)
     console.print(
         f"{args.source} -> {args.out}: {exported.spec}, {exported.num_classes} classes, GELU {exported.gelu}; "
         f"load it with pipeline.checkpoint.load_exported"
     )
     return 0
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    """Training throughput and MFU of the project's step vs timm's MlpMixer + torch.compile (same process) and the
-    JAX/Flax Mixer (`jax/flax`, a subprocess)."""
-    from pipeline import bench
-
-    variants = bench.ALL_VARIANTS if args.variants == ["all"] else args.variants or bench.DEFAULT_VARIANTS
-    ds_options = {"reduce_bucket_size": int(args.bucket)}  # overlap_comm is off on one rank
-    end_to_end = bench.EndToEnd(args.workers, args.shards, args.generate) if args.end_to_end else None
-    result = bench.run_train_bench(
-        args.model, args.batch, args.steps, args.warmup, variants, ds_options, args.profile, args.gelu, end_to_end
-    )
-    table = Table(
-        title=f"Mixer-{args.model}, batch {args.batch}, {args.gelu} GELU in ours, {result['device']} "
-        f"(bf16 matmul {result['measured_bf16_matmul_tflops']:.0f} TFLOP/s measured)"
-    )
-    peer = result["jax_images_per_s"]
-    columns = ["variant", "img/s", "step ms", "MFU", "peak GiB", f"vs {result['baseline']}"]
-    for column in columns + ([f"vs {bench.JAX}"] if peer else []):
-        table.add_column(column, justify="right")
-    for row in result["rows"]:
-        ratios = [row["images_per_s"] / base for base in (result["baseline_images_per_s"], peer) if base]
-        table.add_row(
-            row["name"],
-            f"{row['images_per_s']:.0f}",
-            f"{row['step_ms']:.1f}",
-            f"{row['mfu']:.1%}",
-            f"{row['peak_memory_gib']:.1f}",
-            *(f"{ratio:.2f}x" for ratio in ratios),
-        )
-    console.print(table)
-    if result["jax_left_out"]:
-        console.print(f"{bench.JAX} left out: {result['jax_left_out']}")
-    if end_to_end is not None:
-        console.print(
-            f"from JPEG shards ({args.workers} loader workers, GPU decode): {result['end_to_end_images_per_s']:.0f} "
-            f"img/s, {result['end_to_end_ratio']:.1%} of the same step on synthetic input"
-        )
-    _write_json(result, args.json)
-    return 0
-
-
-def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
-    """How long a checkpoint holds up training on one GPU: blocking vs background (`checkpoint_async`) saves."""
-    from pipeline import bench
-
-    result = bench.run_checkpoint_bench(args.model, args.batch, args.saves, args.steps, Path(args.workdir))
-    rows = [
-        [r["mode"], f"{r['blocked_s']:.3f}", f"{r['complete_s']:.2f}", f"{r['step_ms_after_save']:.0f}",
-         f"{r['checkpoint_gb']:.2f}"]
-        for r in result["rows"]
-    ]  # fmt: skip
-    title = f"Mixer-{args.model} DeepSpeed ZeRO-2 checkpoints, {result['device']}, step {result['step_ms']:.0f} ms"
-    columns = ("mode", "training blocked s", "complete after s", "step ms while writing", "GB")
-    return _report(title, columns, rows, result, args.json)
-
-
-def cmd_bench_remat(args: argparse.Namespace) -> int:
-    """Activation memory kept for the backward pass per `model.remat` setting (eager, bf16 autocast)."""
-    from pipeline import bench
-
-    result = bench.run_remat_bench(args.model, args.device)
-    rows = [[r["remat"], f"{r['mib_per_image']:.1f}", f"{r['fixed_mib']:.0f}"] for r in result["rows"]]
-    title = f"Mixer-{args.model}, kept for the backward pass, {result['device']}"
-    return _report(title, ("model.remat", "MiB per image", "MiB per batch"), rows, result, args.json)
-
-
-def cmd_bench_scale(args: argparse.Namespace) -> int:
-    """Weak scaling of a real experiment: `mixer run CONFIG` on each number of ranks and ZeRO stage, one node."""
-    from pipeline.scaling import run_scale_bench
-
-    workdir = Path(args.workdir).resolve()
-    result = run_scale_bench(args.config, args.overrides, args.ranks, args.zero, workdir)
-    rows = [
-        [str(r["zero_stage"]), str(r["ranks"]), f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_rank']:.0f}",
-         f"{r['mfu']:.1%}", "-" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.1%}",
-         "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}", f"{r['wall_s']:.0f}"]
-        for r in result["rows"]
-    ]  # fmt: skip
-    title = f"{args.config}, stage {result['stage']}, micro-batch {result['micro_batch']}, {result['device']}"
-    columns = ("ZeRO", "ranks", "img/s", "img/s per rank", "MFU", "scaling eff.", "peak GiB/rank", "wall s")
-    return _report(title, columns, rows, result, args.json)
-
-
-def cmd_bench_allreduce(args: argparse.Namespace) -> int:
-    """All-reduce bus bandwidth through torch.distributed (NCCL on GPUs), the reference for communication cost."""
-    from pipeline.scaling import run_allreduce_bench
-
-    if dist.read_env("cpu").world_size == 1 and args.ranks > 1:  # not inside a launcher yet: start one
-        forwarded = [a for a in sys.argv[1:] if a != "--local_rank"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks)]
-        return subprocess.run([*cmd, "-m", "pipeline", *forwarded]).returncode
-    rows = run_allreduce_bench(args.sizes, args.iters)
-    if rows is None:  # not the primary rank
-        return 0
-    table_rows = [
-        [f"{r['size_mib']:g}", f"{r['time_ms']:.3f}", f"{r['algbw_gb_s']:.1f}", f"{r['busbw_gb_s']:.1f}"] for r in rows
-    ]
-    columns = ("MiB", "ms", "algbw GB/s", "busbw GB/s")
-    return _report(f"all-reduce over {rows[0]['ranks']} ranks", columns, table_rows, {"rows": rows}, args.json)
-
-
-def _report(title: str, columns: tuple[str, ...], rows: list[list[str]], result: dict, json_target: str | None) -> int:
-    """A benchmark's table on the console, and its JSON where asked."""
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    _write_json(result, json_target)
-    return 0
-
-
-def _write_json(result: dict, target: str | None) -> None:
-    if not target:
-        return
-    text = json.dumps(result, indent=2)
-    if target == "-":
-        print(text)
-    else:
-        Path(target).write_text(text)
 
 
 def _parse_size(text: str) -> int:
@@ -581,97 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output .safetensors (model.json is written beside it)")
     export.set_defaults(func=cmd_export)
 
-    bench = sub.add_parser("bench", help="benchmarks (print a table; --json for machines)", description="Benchmarks.")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
-    train = bench_sub.add_parser(
-        "train",
-        help="training step vs timm + torch.compile and JAX/Flax on one GPU",
-        description=cmd_bench_train.__doc__,
+    description = "Benchmarks. Each prints a table (--json: the result too) and measures its baselines in the same run."
+    bench.add_commands(
+        sub.add_parser("bench", help="benchmarks (print a table; --json for machines)", description=description)
     )
-    train.add_argument("--model", default="B/16", choices=["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"])
-    train.add_argument("--batch", type=int, default=256)
-    train.add_argument("--steps", type=int, default=30, help="timed optimiser steps per variant")
-    train.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
-    train.add_argument(
-        "--variants", nargs="*", help="variant names, or 'all' (default: timm + compile and jax/flax vs ours)"
-    )
-    train.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
-    train.add_argument("--bucket", type=float, default=5e7, help="DeepSpeed reduce/allgather bucket size (elements)")
-    train.add_argument("--profile", action="store_true", help="print a torch.profiler table for every variant")
-    train.add_argument(
-        "--gelu", default="exact", choices=["exact", "tanh"], help="our model's GELU (model.gelu); timm's is exact"
-    )
-    train.add_argument(
-        "--end-to-end",
-        action="store_true",
-        help="also time the headline variant fed from JPEG shards through the loader's GPU path (data.decode: gpu)",
-    )
-    train.add_argument("--workers", type=int, default=8, help="loader worker processes for --end-to-end")
-    train.add_argument("--shards", help="--end-to-end reads these (folder with index.json or a shard pattern)")
-    train.add_argument("--generate", type=int, default=8000, help="generated 500x375 JPEGs when --shards is not given")
-    train.set_defaults(func=cmd_bench_train)
-
-    ckpt = bench_sub.add_parser(
-        "checkpoint",
-        help="training time lost to a checkpoint, blocking vs background",
-        description=cmd_bench_checkpoint.__doc__,
-    )
-    ckpt.add_argument("--model", default="B/16", choices=["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"])
-    ckpt.add_argument("--batch", type=int, default=128)
-    ckpt.add_argument("--saves", type=int, default=3, help="checkpoints per mode")
-    ckpt.add_argument("--steps", type=int, default=10, help="training steps timed after each save")
-    ckpt.add_argument("--workdir", default="runs/bench-checkpoint", help="where the checkpoints are written")
-    ckpt.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
-    ckpt.set_defaults(func=cmd_bench_checkpoint)
-
-    remat = bench_sub.add_parser(
-        "remat", help="activation memory per model.remat setting", description=cmd_bench_remat.__doc__
-    )
-    remat.add_argument("--model", default="H/14", choices=["S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"])
-    remat.add_argument("--device", default="cpu", help="cpu or cuda")
-    remat.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
-    remat.set_defaults(func=cmd_bench_remat)
-
-    scale = bench_sub.add_parser(
-        "scale", help="images/s, MFU and memory of an experiment on 1..N ranks", description=cmd_bench_scale.__doc__
-    )
-    scale.add_argument("config", help="experiment YAML; its first training stage is measured")
-    scale.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
-    scale.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="ranks (GPUs) per run")
-    scale.add_argument("--zero", type=int, nargs="+", default=[2, 3], help="ZeRO stages")
-    scale.add_argument("--workdir", default="runs/scale", help="each run's output_dir goes under this")
-    scale.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
-    scale.set_defaults(func=cmd_bench_scale)
-
-    allreduce = bench_sub.add_parser(
-        "allreduce", help="all-reduce bus bandwidth over N ranks", description=cmd_bench_allreduce.__doc__
-    )
-    allreduce.add_argument("--ranks", type=int, default=2, help="ranks (GPUs) on this node")
-    allreduce.add_argument("--sizes", type=float, nargs="+", default=[1, 16, 256, 1024], help="buffer sizes, MiB")
-    allreduce.add_argument("--iters", type=int, default=20, help="timed all-reduces per size")
-    allreduce.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
-    allreduce.set_defaults(func=cmd_bench_allreduce)
-
-    data = bench_sub.add_parser(
-        "data", help="loader images/s vs a naive PIL loader", description=cmd_bench_data.__doc__
-    )
-    data.add_argument("--shards", help="a folder with index.json or a shard pattern (default: generated JPEGs)")
-    data.add_argument("--generate", type=int, default=4000, help="generated 500x375 JPEGs when --shards is not given")
-    data.add_argument("--workers", type=int, default=1, help="loader worker processes")
-    data.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
-    data.add_argument("--batch", type=int, default=256)
-    data.add_argument("--batches", type=int, default=20, help="timed batches")
-    data.add_argument("--image-size", type=int, default=224)
-    data.add_argument("--randaugment", type=int, default=0, help="RandAugment magnitude (0: off)")
-    data.add_argument(
-        "--baseline-images",
-        type=int,
-        default=600,
-        help="images the naive loader decodes (before ours, and again after)",
-    )
-    data.add_argument("--json", help="also write the result as JSON to this file ('-' for stdout)")
-    data.set_defaults(func=cmd_bench_data)
-
     weights = sub.add_parser("weights", help="convert Mixer weights between layouts", description="Weight tools.")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="COMMAND")
     imp = weights_sub.add_parser("import", help=".npz / timm -> safetensors", description=cmd_weights_import.__doc__)
@@ -685,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a library error means to the shell: the first matching row's exit code, the message on one line. Anything
+# else is a bug, and keeps its traceback.
+EXIT_CODES = (
+    (StageFailed, 1),  # the failing ranks printed their tracebacks above
+    (SubmitError, 1),  # the scheduler refused, or the cluster section cannot be met
+    ((ConfigError, CheckpointError, DataError, FileNotFoundError, LookupError, ValueError), 2),  # bad input
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     dist.prepare_cuda_env()  # every rank, benchmark and job starts here, before anything touches the GPU
     parser = build_parser()
@@ -696,18 +428,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"mixer: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("mixer: interrupted", file=sys.stderr)
         return 130
-    except StagePreempted as err:
+    except StagePreempted as err:  # the stage saved and stopped: the scheduler should run it again
         print(f"mixer: {err}", file=sys.stderr)
         return REQUEUE_EXIT
-    except StageFailed as err:  # the failing ranks printed their tracebacks above
+    except Exception as err:
+        code = next((code for kinds, code in EXIT_CODES if isinstance(err, kinds)), None)
+        if code is None:
+            raise
         print(f"mixer: error: {err}", file=sys.stderr)
-        return 1
+        return code
 
 
 if __name__ == "__main__":

@@ -217,6 +217,20 @@ def log_stage_summary(parent: tracking.NullTracker, stage: str, result: dict) ->
     parent.log_metrics({f"{stage}/{k}": v for k, v in result.items() if k.startswith(("eval/", "train/"))}, step=0)
 
 
+def close_submitted_experiment(cfg: ExperimentConfig, run_id: str | None, status: str) -> None:
+    """For a submitted job, which no `mixer run` parent watches, on the primary rank: the stages' summaries on the
+    experiment's run, and its status."""
+    if dist.read_env("cpu").rank != 0:
+        return
+    parent = tracking.existing_run(cfg, run_id)
+    layout = RunLayout(Path(cfg.output_dir))
+    for stage in cfg.stages:
+        result = layout.stage(stage.name).read_result()
+        if result is not None:
+            log_stage_summary(parent, stage.name, result)
+    parent.finish(status)
+
+
 def run_experiment(cfg: ExperimentConfig, layout: RunLayout, lock: OutputLock | None = None) -> list[dict]:
     """Every stage in order; a finished stage (its result.json exists) is not run again. Each stage's launcher
     inherits `lock`."""

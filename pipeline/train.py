@@ -20,6 +20,7 @@ from pipeline import checkpoint, dist, tracking
 from pipeline import engine as eng
 from pipeline.config import ConfigError, ExperimentConfig, StageConfig, stage_params
 from pipeline.data.gpu import gpu_stream
+from pipeline.data.index import ShardIndex
 from pipeline.data.sources import training_sources
 from pipeline.data.stream import Stream, TrainStream, cpu_prepare, seed_of, stream_plan
 from pipeline.data.transforms import batch_transform, stack_images, to_device, train_transform
@@ -50,13 +51,15 @@ def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None)
     if plan.init is not None:
         checkpoint.init_weights(model, plan.init, new_head=stage.kind.new_head)
     engine = build_engine(cfg, stage, env, layout, model, load_universal=plan.reshard(env.world_size))
-    fingerprint = checkpoint.fingerprint(cfg, stage, spec) if stage.kind.trains else {}
+    # The shard indexes, read once: the checkpoints' fingerprint knows the data set by them, the stream reads them.
+    sources = training_sources(cfg.datasets[stage.dataset], run.data_index) if stage.kind.trains else ()
+    fingerprint = checkpoint.fingerprint(cfg, stage, spec, sources) if stage.kind.trains else {}
     restored = checkpoint.restore(engine, plan, fingerprint, stage_params(cfg, stage), env.rank, env.world_size)
     tracker = start_tracking(cfg, stage, env, layout, parent_run_id, restored.tags)
     started = time.time()
     try:
         runner = StageRunner(cfg, stage, env, engine, tracker, layout, spec, fingerprint)
-        metrics = runner.train(restored.step, restored.data_state) if stage.kind.trains else runner.evaluate()
+        metrics = runner.train(restored.step, restored.data_state, sources) if stage.kind.trains else runner.evaluate()
         result = {
             "stage": stage.name,
             "kind": stage.kind,
@@ -219,10 +222,10 @@ class StageRunner:
                 self.tracker.log_artifact(layout.model_config)
         return out
 
-    def train(self, start_step: int, data_state: dict | None) -> dict:
-        """The remaining steps, the final checkpoint (`final_tag`), then the final evaluation: saved first, so that
-        a failing evaluation loses no training and a rerun only evaluates again."""
-        self.stream = self._train_stream(data_state)
+    def train(self, start_step: int, data_state: dict | None, sources: tuple[ShardIndex, ...]) -> dict:
+        """The remaining steps over `sources`, the final checkpoint (`final_tag`), then the final evaluation: saved
+        first, so that a failing evaluation loses no training and a rerun only evaluates again."""
+        self.stream = self._train_stream(data_state, sources)
         try:
             self._train_steps(start_step)
         finally:
@@ -234,9 +237,8 @@ class StageRunner:
         dist.barrier()
         return {**self.metrics, **self.evaluate(self.stage.steps)}
 
-    def _train_stream(self, data_state: dict | None) -> Stream:
+    def _train_stream(self, data_state: dict | None, sources: tuple[ShardIndex, ...]) -> Stream:
         stage, env, data = self.stage, self.env, self.cfg.data
-        sources = training_sources(self.dataset, RunLayout(Path(self.cfg.output_dir)).data_index)
         plan = stream_plan(self.cfg, stage, env.rank, env.world_size, sources)
         if data.decode == "gpu":
             if env.device.type != "cuda":

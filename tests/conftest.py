@@ -29,6 +29,14 @@ def run_mixer(*args: str, env: dict | None = None, timeout: int = 900) -> subpro
     )
 
 
+def stage_losses(uri: str, stage_dir: Path) -> dict[int, float]:
+    """The `train/loss` a stage logged to MLflow at `uri`, by step (its run id is in the stage folder)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = (stage_dir / "run_id").read_text().strip()
+    return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")}
+
+
 def cuda_available() -> bool:
     import torch
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint
 from pipeline.engine import consolidated_state_dict
-from tests.conftest import REPO, run_mixer
+from tests.conftest import REPO, run_mixer, stage_losses
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "tests" / "configs" / "resume.yaml"
@@ -22,12 +22,6 @@ CONFIG = REPO / "tests" / "configs" / "resume.yaml"
 
 def _args(tmp, name):
     return ["run", str(CONFIG), f"output_dir={tmp}/{name}", f"datasets.shapes.path={tmp}/shapes"]
-
-
-def _losses(uri, stage_dir):
-    run_id = (stage_dir / "run_id").read_text().strip()
-    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
-    return {m.step: m.value for m in history}
 
 
 def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path):
@@ -70,8 +64,8 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     a = load_file(tmp_path / "straight" / "stages" / "pretrain" / "model.safetensors")
     b = load_file(stage / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    straight_losses = _losses(uri, tmp_path / "straight" / "stages" / "pretrain")
-    killed_losses = _losses(uri, stage)
+    straight_losses = stage_losses(uri, tmp_path / "straight" / "stages" / "pretrain")
+    killed_losses = stage_losses(uri, stage)
     assert sorted(straight_losses) == list(range(1, 25))
     # Steps logged between the checkpoint and the kill are not logged again when the resume replays them.
     logged = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
@@ -114,7 +108,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_on_three_ranks(tmp_path):
     stage = tmp_path / "one" / "stages" / "pretrain"
     run = MlflowClient(uri).get_run((stage / "run_id").read_text().strip())
     assert run.data.tags["resumed_world_size"].startswith("2 -> 1 ranks")
-    assert sorted(_losses(uri, stage)) == list(range(17, 25))
+    assert sorted(stage_losses(uri, stage)) == list(range(17, 25))
     straight_run = (tmp_path / "straight" / "stages" / "pretrain" / "run_id").read_text().strip()
     # The schedule continued at step 17: the last learning rate is the uninterrupted run's, not 8 steps into warm-up.
     assert run.data.metrics["train/lr"] == MlflowClient(uri).get_run(straight_run).data.metrics["train/lr"]

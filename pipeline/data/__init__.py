@@ -1,1 +1,2 @@
-"""Shard writing, shard streaming and transforms."""
+"""The data path: shards and their index, where they come from, the training and evaluation streams, transforms
+and GPU decode."""

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.data import synthetic
-from tests.conftest import REPO, run_mixer
+from tests.conftest import REPO, run_mixer, stage_losses
 
 GPU_CONFIG = REPO / "tests" / "configs" / "gpu.yaml"
 
@@ -35,8 +34,7 @@ class StageRun:
         return self.out / "stages" / "pretrain"
 
     def losses(self) -> dict[int, float]:
-        run_id = (self.stage / "run_id").read_text().strip()
-        return {m.step: m.value for m in MlflowClient(self.uri).get_metric_history(run_id, "train/loss")}
+        return stage_losses(self.uri, self.stage)
 
 
 def run_gpu_config(tmp_path: Path, name: str, data: Path, *overrides: str) -> StageRun:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.bench import DEFAULT_VARIANTS
+from pipeline.bench.train import DEFAULT
 from tests.conftest import run_mixer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -20,7 +20,7 @@ def test_bench_train_runs_every_default_variant_and_the_end_to_end_row(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     report = json.loads(out.read_text())
     names = [row["name"] for row in report["rows"]]
-    assert set(DEFAULT_VARIANTS) <= set(names) and any(name.endswith("from JPEG shards") for name in names)
+    assert {v.name for v in DEFAULT} <= set(names) and any(name.endswith("from JPEG shards") for name in names)
     for row in report["rows"]:
         assert row["images_per_s"] > 0 and 0 < row["mfu"] < 1, row
     assert "img/s" in result.stdout and report["end_to_end_ratio"] > 0

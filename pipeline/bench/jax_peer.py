@@ -2,10 +2,10 @@
 vision_transformer and big_vision: Flax linen, bf16 compute over fp32 parameters, optax AdamW with global-norm
 clipping, one jitted step), on the same shape, GELU, batch and synthetic input as the PyTorch variants.
 
-`python -m pipeline.bench_jax --model B/16 --batch 256 --steps 30 --warmup 10 --gelu exact` prints one JSON line:
-images/s, ms per step and peak device memory. `mixer bench train` runs it as a subprocess (variant `jax/flax`), so
-the two frameworks never share a process or a GPU memory pool; jax, flax and optax are the `bench` extra, not
-runtime dependencies.
+`python -m pipeline.bench.jax_peer --model B/16 --batch 256 --steps 30 --warmup 10 --gelu exact` prints one JSON
+line: images/s, ms per step and peak device memory. `mixer bench train` runs it as a subprocess (variant
+`jax/flax`), so the two frameworks never share a process or a GPU memory pool; jax, flax and optax are the `bench`
+extra, not runtime dependencies.
 """
 
 from __future__ import annotations

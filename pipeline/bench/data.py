@@ -11,6 +11,7 @@ receives the batches and turns them into model input), the baseline its one proc
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import multiprocessing
@@ -26,6 +27,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import AugmentConfig
+from pipeline.console import add_json_option, report
 from pipeline.data.index import ShardIndex, read_index
 from pipeline.data.sources import ensure_index
 from pipeline.data.stream import StreamPlan, TrainStream, cpu_prepare
@@ -190,3 +192,48 @@ def run_data_bench(
         "per_worker_speedup": per_worker / baseline,
         "per_core_speedup": ours["images_per_cpu_s"] / baseline_per_cpu_s,
     }
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("data", help="loader images/s vs a naive PIL loader", description=command.__doc__)
+    parser.add_argument("--shards", help="a folder with index.json or a shard pattern (default: generated JPEGs)")
+    parser.add_argument("--generate", type=int, default=4000, help="generated 500x375 JPEGs when --shards is not given")
+    parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--randaugment", type=int, default=0, help="RandAugment magnitude (0: off)")
+    parser.add_argument(
+        "--baseline-images",
+        type=int,
+        default=600,
+        help="images the naive loader decodes (before ours, and again after)",
+    )
+    add_json_option(parser)
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Loader images/s from shards vs a naive single-process PIL loader, measured in the same run."""
+    result = run_data_bench(
+        args.shards,
+        workers=args.workers,
+        batch=args.batch,
+        batches=args.batches,
+        image_size=args.image_size,
+        decode=args.decode,
+        randaugment=args.randaugment,
+        baseline_images=args.baseline_images,
+        generate=args.generate,
+    )
+    rows = [
+        ["naive PIL (1 process)", "0", f"{result['baseline_images_per_s']:.0f}", "",
+         f"{result['baseline_images_per_cpu_s']:.0f}", "1.00x"],
+        [f"ours, {result['decode']} decode", str(result["workers"]), f"{result['images_per_s']:.0f}",
+         f"{result['images_per_s_per_worker']:.0f} ({result['per_worker_speedup']:.2f}x)",
+         f"{result['images_per_cpu_s']:.0f}", f"{result['per_core_speedup']:.2f}x"],
+    ]  # fmt: skip
+    columns = ("loader", "workers", "img/s", "img/s per worker", "img per CPU-s", "per core vs naive")
+    report(f"loader, {result['samples']} samples, {result['image_size']}px crops", columns, rows, result, args.json)
+    return 0

@@ -1,17 +1,15 @@
-"""`mixer bench scale` and `mixer bench allreduce`: how training throughput grows with the number of GPUs.
+"""`mixer bench scale`: how training throughput grows with the number of GPUs (weak scaling, one node).
 
-Scale: the same experiment config is run with `mixer run` (the real pipeline: shards, loader, DeepSpeed, MLflow) on
+The same experiment config is run with `mixer run` (the real pipeline: shards, loader, DeepSpeed, MLflow) on
 each number of ranks and ZeRO stage asked for, one node, micro-batch per rank fixed (weak scaling). Each row is read
 from the first training stage's result: `train/img_per_s` of its last logged window (so start-up and compilation in
 earlier windows are left out), `train/mfu` and `train/peak_mem_gib`. Scaling efficiency = images/s per rank on N
 ranks ÷ images/s on 1 rank, same ZeRO stage.
-
-All-reduce: NCCL (gloo on CPU) all-reduce of bf16 buffers through torch.distributed, the reference for what
-gradient reduction can cost; bus bandwidth = bytes × 2(n-1)/n ÷ time, as nccl-tests report it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,10 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
-from pipeline import dist
 from pipeline.config import load_config
+from pipeline.console import add_json_option, report
 from pipeline.layout import RunLayout
 
 
@@ -70,37 +67,29 @@ def run_scale_bench(config: str, overrides: list[str], ranks: list[int], zero_st
     }
 
 
-def run_allreduce_bench(sizes_mib: list[float], iters: int) -> list[dict] | None:
-    """In every rank of a launcher's job: timed all-reduces of each size; rank 0 returns the rows."""
-    env = dist.read_env()
-    dist.init_process_group(env)
-    n = env.world_size
-    rows = []
-    for mib in sizes_mib:
-        dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32  # gloo reduces no bf16
-        buffer = torch.ones(int(mib * 2**20) // dtype.itemsize, dtype=dtype, device=env.device)
-        for _ in range(3):
-            torch_dist.all_reduce(buffer)
-        _sync(env.device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            torch_dist.all_reduce(buffer)
-        _sync(env.device)
-        seconds = (time.perf_counter() - start) / iters
-        size = buffer.numel() * buffer.element_size()
-        rows.append(
-            {
-                "ranks": n,
-                "size_mib": mib,
-                "time_ms": seconds * 1000,
-                "algbw_gb_s": size / seconds / 1e9,
-                "busbw_gb_s": size * 2 * (n - 1) / n / seconds / 1e9,
-            }
-        )
-    dist.destroy()
-    return rows if env.is_primary else None
+def add_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "scale", help="images/s, MFU and memory of an experiment on 1..N ranks", description=command.__doc__
+    )
+    parser.add_argument("config", help="experiment YAML; its first training stage is measured")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="ranks (GPUs) per run")
+    parser.add_argument("--zero", type=int, nargs="+", default=[2, 3], help="ZeRO stages")
+    parser.add_argument("--workdir", default="runs/scale", help="each run's output_dir goes under this")
+    add_json_option(parser)
+    parser.set_defaults(func=command)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def command(args: argparse.Namespace) -> int:
+    """Weak scaling of a real experiment: `mixer run CONFIG` on each number of ranks and ZeRO stage, one node."""
+    result = run_scale_bench(args.config, args.overrides, args.ranks, args.zero, Path(args.workdir).resolve())
+    rows = [
+        [str(r["zero_stage"]), str(r["ranks"]), f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_rank']:.0f}",
+         f"{r['mfu']:.1%}", "-" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.1%}",
+         "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}", f"{r['wall_s']:.0f}"]
+        for r in result["rows"]
+    ]  # fmt: skip
+    title = f"{args.config}, stage {result['stage']}, micro-batch {result['micro_batch']}, {result['device']}"
+    columns = ("ZeRO", "ranks", "img/s", "img/s per rank", "MFU", "scaling eff.", "peak GiB/rank", "wall s")
+    report(title, columns, rows, result, args.json)
+    return 0
