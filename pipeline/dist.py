@@ -146,6 +146,28 @@ def all_reduce_max(values: list[float]) -> list[float]:
     return _all_reduce_host(values, torch_dist.ReduceOp.MAX)
 
 
+class Reducing:
+    """A host all-reduce under way in the background (`all_reduce_max_started`); `result()` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor, work: torch_dist.Work | None) -> None:
+        self.tensor, self.work = tensor, work
+
+    def result(self) -> list[float]:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor.tolist()
+
+
+def all_reduce_max_started(values: list[float]) -> Reducing:
+    """`all_reduce_max`, begun now over gloo and finished by `result()`: the host goes on in the meantime."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    work = None
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        work = torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX, group=_host_group, async_op=True)
+    return Reducing(tensor, work)
+
+
 def all_gather_objects(obj: object) -> list:
     """Every rank's `obj`, in rank order (small, picklable things: features of an evaluation set)."""
     if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):

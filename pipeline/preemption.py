@@ -21,7 +21,7 @@ class Preempted(Exception):
 class Preemption:
     """SIGTERM (preemption, time limit) and SIGUSR1 (Slurm's --signal warning) ask every rank to finish the step it
     is in, save, and exit with REQUEUE_EXIT. Ranks may get the signal at different steps, so they agree on it
-    through one all-reduce per step.
+    through one all-reduce per step, which runs in the background until the next step (`agreed`).
 
     `catch()` turns the signals into that request for the whole life of a rank, from before its set-up: one signalled
     while it builds its engine stops at its first step, and one that is failing is not killed halfway through its
@@ -41,8 +41,23 @@ class Preemption:
 
     def __init__(self) -> None:
         self.catch()  # already done where `mixer stage` started the rank; a rank started otherwise starts here
+        self.pending: dist.Reducing | None = None
 
     def agreed(self, save_due: bool = False) -> tuple[bool, bool]:
-        """(stop requested on any rank, a time-based save due on any rank), in one collective."""
-        stop, due = dist.all_reduce_max([float(self.requested), float(save_due)])
+        """(stop requested on any rank, a time-based save due on any rank). After the first call, the answer is the
+        previous call's: each call's flags are reduced in the background until the next one, so that no rank waits
+        at every step for the slowest to reach the same point (it has one step of slack). Every rank gets the same
+        answer at the same step. On a stop nothing is left in flight."""
+        flags = [float(self.requested), float(save_due)]
+        previous = self.pending.result() if self.pending else dist.all_reduce_max(flags)  # the first step: now
+        self.pending = dist.all_reduce_max_started(flags)
+        stop, due = previous
+        if stop > 0:
+            self.settle()
         return stop > 0, due > 0
+
+    def settle(self) -> None:
+        """Wait for the reduction in flight: before the ranks go on to other collectives, as they all started it."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None

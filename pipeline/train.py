@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
-import sys
 import time
 import warnings
 import zlib
@@ -14,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline import checkpoint, dist, tracking
 from pipeline import engine as eng
@@ -25,13 +21,11 @@ from pipeline.data.sources import training_sources
 from pipeline.data.stream import Stream, TrainStream, cpu_prepare, seed_of, stream_plan
 from pipeline.data.transforms import batch_transform, stack_images, to_device, train_transform
 from pipeline.evaluate import Evaluator
-from pipeline.flops import peak_flops, train_flops_per_image
 from pipeline.layout import RunLayout, StageLayout
+from pipeline.metrics import WindowLog
 from pipeline.models.mixer import MixerSpec, MlpMixer
 from pipeline.preemption import PREEMPTED_FLUSH_S, Preempted, Preemption
 from pipeline.rng import rng_states, seed_everything
-
-log = logging.getLogger(__name__)
 
 
 def run_stage(cfg: ExperimentConfig, stage_name: str, parent_run_id: str | None) -> dict:
@@ -174,10 +168,7 @@ class StageRunner:
         self.dtype = torch.bfloat16 if eng.uses_bf16(cfg.deepspeed, env.device) else torch.float32
         self.evaluate = Evaluator(cfg, stage, env, engine, tracker, spec.image_size, self.dtype)
         self.stream: Stream | None = None
-        self.metrics: dict[str, float] = {}
-        self.bad_log: list[dict] = []
-        self.bad_logged_at, self.bad_unlogged = 0.0, False
-        self.window_start, self.window_steps = time.time(), 0  # since the last logged step
+        self.report = WindowLog(cfg, stage, env, engine, tracker, spec)
         self.saver = checkpoint.Saver(
             engine,
             layout.checkpoints,
@@ -200,7 +191,8 @@ class StageRunner:
         tag = self.saver.save(step, client, state, rng_states())
         if wait:
             self.saver.wait()
-        self.last_save = self.window_start = time.time()
+        self.last_save = time.time()
+        self.report.window.paused_s += self.last_save - started
         self.tracker.log_metrics({"checkpoint/save_s": self.last_save - started}, step)
         return tag
 
@@ -235,7 +227,7 @@ class StageRunner:
         resumed_at_end = start_step == self.stage.steps and end in checkpoint.complete_tags(self.layout.checkpoints)
         self.final_tag = end if resumed_at_end else self.save(self.stage.steps, wait=True)  # the export reads it
         dist.barrier()
-        return {**self.metrics, **self.evaluate(self.stage.steps)}
+        return {**self.report.metrics, **self.evaluate(self.stage.steps)}
 
     def _train_stream(self, data_state: dict | None, sources: tuple[ShardIndex, ...]) -> Stream:
         stage, env, data = self.stage, self.env, self.cfg.data
@@ -261,105 +253,44 @@ class StageRunner:
         step_seed = seed_of(self.cfg.seed, zlib.crc32(stage.name.encode()), self.env.rank)
         mix = batch_transform(stage.augment, self.dataset.num_classes)
         accumulation = stage.accumulation(self.env.world_size)
-        # A live line on a terminal; in a log file (batch jobs, CI) a line every 20 s is enough.
-        bar = tqdm(
-            total=stage.steps,
-            initial=start_step,
-            desc=stage.name,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not self.env.is_primary,
-            mininterval=0.2 if sys.stderr.isatty() else 20,
-        )
-        mfu_per_img_s = self._mfu_per_img_s()
-        loss_sum = torch.zeros((), device=self.env.device)
-        self.window_start = time.time()
+        report = self.report
+        report.start(start_step, accumulation)
         for step in range(start_step + 1, stage.steps + 1):
             # Mixup, stochastic depth and dropout draw from a generator seeded per step: a resumed run replays them.
             torch.manual_seed(seed_of(step_seed, step))
             for _ in range(accumulation):
-                images, labels = to_device(*next(self.stream), self.env.device)
+                waited = time.perf_counter()
+                batch = next(self.stream)
+                report.window.data_wait_s += time.perf_counter() - waited
+                images, labels = to_device(*batch, self.env.device)
                 if mix is not None:
                     images, labels = mix(images, labels)  # labels: (B, classes) probabilities
                 loss = F.cross_entropy(self.engine(images.to(self.dtype)).float(), labels)
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.detach()
-            self.window_steps += 1
-            bar.update(1)
+                report.loss_sum += loss.detach()
+            report.step_done()
             if step % stage.log_every == 0 or step == stage.steps:
-                self._log(step, loss_sum, accumulation, mfu_per_img_s, bar)
+                report.log(step, self.stream)
             if stage.eval_every and step % stage.eval_every == 0 and step != stage.steps:
+                evaluated = time.time()
                 self.evaluate(step)
-                self.window_start = time.time()
+                report.window.paused_s += time.time() - evaluated
             if step != stage.steps and self._save_or_stop(step):
-                bar.close()
+                report.close()
                 raise Preempted(stage.name, step)
-        bar.close()
-
-    def _mfu_per_img_s(self) -> float:
-        """MFU per image/s of the whole job; the peak it assumes goes into the run's tags (not params: a resumed
-        run may measure a slightly different estimate, and params never change)."""
-        peak, estimated = peak_flops(self.env.device, eng.matmul_dtype(self.cfg.deepspeed, self.env.device))
-        source = "estimated (measured matmul)" if estimated else "datasheet"
-        self.tracker.set_tags({"mfu/peak_tflops": f"{peak / 1e12:.2f}", "mfu/peak_source": source})
-        return train_flops_per_image(self.spec, self.dataset.num_classes) / (peak * self.env.world_size)
-
-    def _log(self, step: int, loss_sum: torch.Tensor, accumulation: int, mfu_per_img_s: float, bar: tqdm) -> None:
-        """The window's mean loss over all ranks (a non-finite one stops the stage), throughput, memory and bad
-        data, to the tracker and the progress bar; then a new window."""
-        total, count = dist.all_reduce_sum([loss_sum.item(), self.window_steps * accumulation])
-        mean_loss = total / count
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"stage {self.stage.name}: loss is {mean_loss} at step {step}")
-        images = self.window_steps * self.stage.micro_batch * accumulation * self.env.world_size
-        img_per_s = images / (time.time() - self.window_start)
-        metrics = {}
-        if self.env.device.type == "cuda":  # the fullest card decides what fits
-            peak_bytes = torch.cuda.max_memory_allocated(self.env.device)
-            metrics["train/peak_mem_gib"] = dist.all_reduce_max([peak_bytes / 2**30])[0]
-        stream = self.stream
-        self.metrics = metrics = {
-            **metrics,
-            **self._report_bad_data(final=step == self.stage.steps),
-            "train/loss": mean_loss,
-            "train/lr": self.engine.get_lr()[0],
-            "train/epoch": stream.epoch + stream.position / stream.plan.batches_per_epoch,
-            "train/img_per_s": img_per_s,
-            "train/mfu": img_per_s * mfu_per_img_s,
-            "train/skipped_steps": eng.skipped_steps(self.engine),  # inf/nan gradients: step not applied
-        }
-        self.tracker.log_metrics(metrics, step)
-        shown = {"loss": f"{mean_loss:.4f}", "lr": f"{metrics['train/lr']:.2e}", "img_s": f"{img_per_s:.0f}"}
-        if metrics["data/bad_samples"]:
-            shown["skipped"] = f"{metrics['data/bad_samples']:.0f} bad"
-        bar.set_postfix(shown)
-        loss_sum.zero_()
-        self.window_start, self.window_steps = time.time(), 0
+        self.preemption.settle()
+        report.close()
 
     def _save_or_stop(self, step: int) -> bool:
         """A checkpoint when one is due (every `checkpoint_every` steps or minutes) or a stop was requested; the
         ranks agree on both, as their clocks and signals differ. True: stop (the save is complete)."""
         minutes = self.stage.checkpoint_every_minutes
         late = minutes > 0 and time.time() - self.last_save > 60 * minutes
+        waited = time.perf_counter()
         stop, late = self.preemption.agreed(late)
+        self.report.window.sync_wait_s += time.perf_counter() - waited
         every = self.stage.checkpoint_every
         if stop or late or (every and step % every == 0):
             self.save(step, wait=stop)  # a stop saves too, once, and waits for it
         return stop
-
-    def _report_bad_data(self, final: bool) -> dict:
-        """Bad samples of all ranks: counts as metrics; shard URL + key of each to `data/bad_samples.jsonl`
-        (rewritten at most once a minute)."""
-        stream = self.stream
-        events = list(stream.new_bad)
-        stream.new_bad.clear()
-        bad, read = dist.all_reduce_sum([stream.bad, stream.read])
-        gathered = [e for part in dist.all_gather_objects(events) for e in part]
-        self.bad_log.extend(gathered)
-        del self.bad_log[: max(0, len(self.bad_log) - 10_000)]
-        self.bad_unlogged |= bool(gathered)
-        if self.bad_unlogged and (final or time.time() - self.bad_logged_at > 60):
-            self.tracker.log_text("\n".join(json.dumps(e) for e in self.bad_log), "data/bad_samples.jsonl")
-            self.bad_logged_at, self.bad_unlogged = time.time(), False
-        return {"data/bad_samples": bad, "data/bad_fraction": bad / max(read, 1)}

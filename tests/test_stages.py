@@ -93,6 +93,9 @@ def test_mlflow_holds_one_parent_and_a_finished_child_per_stage(tiny_run):
     assert 0 < pretrain.data.metrics["train/mfu"] < 1
     for key in ("train/lr", "train/img_per_s", "train/mfu", "eval/top5"):
         assert client.get_metric_history(pretrain.info.run_id, key)
+    # Shares of each window's host time: the evaluation at step 3 falls inside a window and is not counted in it.
+    for key in ("train/data_wait_frac", "train/sync_wait_frac"):
+        assert all(0 <= m.value < 1 for m in client.get_metric_history(pretrain.info.run_id, key)), key
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"config.yaml", "deepspeed.json", "model"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(pretrain.info.run_id, "model")}

@@ -4,7 +4,8 @@ The same experiment config is run with `mixer run` (the real pipeline: shards, l
 each number of ranks and ZeRO stage asked for, one node, micro-batch per rank fixed (weak scaling). Each row is read
 from the first training stage's result: `train/img_per_s` of its last logged window (so start-up and compilation in
 earlier windows are left out), `train/mfu` and `train/peak_mem_gib`. Scaling efficiency = images/s per rank on N
-ranks ÷ images/s on 1 rank, same ZeRO stage.
+ranks ÷ images/s on 1 rank, same ZeRO stage. Where the time went, per run: the share of that window the slowest
+rank's host waited for its loader (`train/data_wait_frac`) and for the other ranks (`train/sync_wait_frac`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def run_scale_bench(config: str, overrides: list[str], ranks: list[int], zero_st
                     "images_per_s_per_rank": result["train/img_per_s"] / n,
                     "mfu": result["train/mfu"],
                     "peak_mem_gib": result.get("train/peak_mem_gib"),
+                    "data_wait_frac": result["train/data_wait_frac"],
+                    "sync_wait_frac": result["train/sync_wait_frac"],
                     "wall_s": round(time.time() - started, 1),
                 }
             )
@@ -86,10 +89,12 @@ def command(args: argparse.Namespace) -> int:
     rows = [
         [str(r["zero_stage"]), str(r["ranks"]), f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_rank']:.0f}",
          f"{r['mfu']:.1%}", "-" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.1%}",
-         "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}", f"{r['wall_s']:.0f}"]
+         "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}", f"{r['data_wait_frac']:.1%}",
+         f"{r['sync_wait_frac']:.1%}", f"{r['wall_s']:.0f}"]
         for r in result["rows"]
     ]  # fmt: skip
     title = f"{args.config}, stage {result['stage']}, micro-batch {result['micro_batch']}, {result['device']}"
-    columns = ("ZeRO", "ranks", "img/s", "img/s per rank", "MFU", "scaling eff.", "peak GiB/rank", "wall s")
+    columns = ("ZeRO", "ranks", "img/s", "img/s per rank", "MFU", "scaling eff.", "peak GiB/rank", "data wait",
+               "host sync", "wall s")  # fmt: skip
     report(title, columns, rows, result, args.json)
     return 0

@@ -24,4 +24,7 @@ def test_scale_runs_the_experiment_on_each_number_of_ranks(tmp_path):
         assert done["world_size"] == row["ranks"] and row["images_per_s"] == done["train/img_per_s"] > 0
     assert rows[0]["scaling_efficiency"] == 1.0
     assert rows[1]["scaling_efficiency"] == pytest.approx(rows[1]["images_per_s"] / 2 / rows[0]["images_per_s"])
-    assert "scaling eff." in result.stdout
+    # One rank agrees with nobody; two wait on each other over gloo at every step.
+    assert rows[0]["sync_wait_frac"] < rows[1]["sync_wait_frac"] < 1 and rows[0]["sync_wait_frac"] < 0.01
+    assert all(0 < r["data_wait_frac"] < 1 for r in rows)
+    assert "scaling eff." in result.stdout and "host sync" in result.stdout
