@@ -129,25 +129,8 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def _all_reduce_host(values: list[float], op: torch_dist.ReduceOp) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(tensor, op=op, group=_host_group)  # None: the default group, gloo on CPU
-    return tensor.tolist()
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few host numbers over ranks (identity on one process); never touches the GPU."""
-    return _all_reduce_host(values, torch_dist.ReduceOp.SUM)
-
-
-def all_reduce_max(values: list[float]) -> list[float]:
-    """Element-wise largest of a few host numbers over ranks, in one collective; never touches the GPU."""
-    return _all_reduce_host(values, torch_dist.ReduceOp.MAX)
-
-
 class Reducing:
-    """A host all-reduce under way in the background (`all_reduce_max_started`); `result()` waits for it."""
+    """A host all-reduce, finished or under way in the background; `result()` waits for it."""
 
     def __init__(self, tensor: torch.Tensor, work: torch_dist.Work | None) -> None:
         self.tensor, self.work = tensor, work
@@ -159,13 +142,28 @@ class Reducing:
         return self.tensor.tolist()
 
 
-def all_reduce_max_started(values: list[float]) -> Reducing:
-    """`all_reduce_max`, begun now over gloo and finished by `result()`: the host goes on in the meantime."""
+def _all_reduce_host(values: list[float], op: torch_dist.ReduceOp, background: bool = False) -> Reducing:
     tensor = torch.tensor(values, dtype=torch.float64)
     work = None
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        work = torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX, group=_host_group, async_op=True)
+        # group None: the default group, gloo on CPU
+        work = torch_dist.all_reduce(tensor, op=op, group=_host_group, async_op=background)
     return Reducing(tensor, work)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few host numbers over ranks (identity on one process); never touches the GPU."""
+    return _all_reduce_host(values, torch_dist.ReduceOp.SUM).result()
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise largest of a few host numbers over ranks, in one collective; never touches the GPU."""
+    return _all_reduce_host(values, torch_dist.ReduceOp.MAX).result()
+
+
+def all_reduce_max_started(values: list[float]) -> Reducing:
+    """`all_reduce_max`, begun now over gloo and finished by `result()`: the host goes on in the meantime."""
+    return _all_reduce_host(values, torch_dist.ReduceOp.MAX, background=True)
 
 
 def all_gather_objects(obj: object) -> list:
