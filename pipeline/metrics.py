@@ -91,7 +91,10 @@ class WindowLog:
         """The window's mean loss over all ranks (a non-finite one stops the stage), throughput, memory, where the
         host's time went and bad data, to the tracker and the progress bar; then a new window."""
         window, accumulation = self.window, self.accumulation
-        total, count = dist.all_reduce_sum([self.loss_sum.item(), window.steps * accumulation])
+        # One sum over the ranks for the loss and the bad-data counts
+        total, count, bad, read = dist.all_reduce_sum(
+            [self.loss_sum.item(), window.steps * accumulation, stream.bad, stream.read]
+        )
         mean_loss = total / count
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"stage {self.stage.name}: loss is {mean_loss} at step {step}")
@@ -107,7 +110,7 @@ class WindowLog:
         metrics = {"train/peak_mem_gib": peak_gib} if cuda else {}
         self.metrics = metrics = {
             **metrics,
-            **self._report_bad_data(stream, final=step == self.stage.steps),
+            **self._report_bad_data(stream, bad, read, final=step == self.stage.steps),
             "train/loss": mean_loss,
             "train/lr": self.engine.get_lr()[0],
             "train/epoch": stream.epoch + stream.position / stream.plan.batches_per_epoch,
@@ -125,12 +128,11 @@ class WindowLog:
         self.loss_sum.zero_()
         self.window = Window()
 
-    def _report_bad_data(self, stream: Stream, final: bool) -> dict:
-        """Bad samples of all ranks: counts as metrics; shard URL + key of each to `data/bad_samples.jsonl`
-        (rewritten at most once a minute)."""
+    def _report_bad_data(self, stream: Stream, bad: float, read: float, final: bool) -> dict:
+        """Bad samples of all ranks (`bad` of `read`, summed over the ranks): counts as metrics; shard URL + key of
+        each to `data/bad_samples.jsonl` (rewritten at most once a minute)."""
         events = list(stream.new_bad)
         stream.new_bad.clear()
-        bad, read = dist.all_reduce_sum([stream.bad, stream.read])
         gathered = [e for part in dist.all_gather_objects(events) for e in part]
         self.bad_log.extend(gathered)
         del self.bad_log[: max(0, len(self.bad_log) - 10_000)]
