@@ -70,11 +70,27 @@ class BadSample(ValueError):
     """A sample that cannot be used; the message says why."""
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR1 to their rank, which saves before exiting (and takes them along):
-    launchers signal a rank's whole process group, and a worker dying first would abort the save."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    launchers signal a rank's whole process group, and a worker dying first would abort the save. A signal that
+    came while the worker started, held back by `started_without_stop_signals`, is dropped here."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def started_without_stop_signals(loader: torch.utils.data.DataLoader) -> Iterator:
+    """`iter(loader)`, its worker processes started with the stop signals blocked. Before `_ignore_stop_signals`
+    runs in a worker, torch's own handler is in place there, and a SIGTERM then ends the worker (and the rank's
+    evaluation or training with it). The rank gets a signal that came meanwhile once they are unblocked here."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def seed_of(*parts: int) -> int:
@@ -536,7 +552,7 @@ class TrainStream:
         """Batches in (epoch, position) order. Workers hand theirs over in turn, each worker's in order, and may be a
         few batches into the next epoch before this one ends: those wait in `pending`."""
         per_epoch, slots = self.plan.batches_per_epoch, self.plan.slots
-        batches, pending = iter(self.loader), {}
+        batches, pending = started_without_stop_signals(self.loader), {}
         while True:
             for p in range(self.position, per_epoch):
                 while (self.epoch, p) not in pending:
@@ -693,11 +709,12 @@ def eval_batches(
             wds.batched(batch_size, partial=True),
         )
         workers = min(num_workers, len(urls))
-        # Workers each end on a partial batch: re-batch in this process so the count is exact.
-        loader = wds.WebLoader(
+        loader = torch.utils.data.DataLoader(
             pipeline, batch_size=None, num_workers=workers, worker_init_fn=_ignore_stop_signals
-        ).unbatched()
-        for batch in loader.batched(batch_size, partial=True):
+        )
+        # Workers each end on a partial batch: re-batch in this process so the count is exact.
+        rebatched = wds.batched(batch_size, partial=True)(wds.unbatched()(started_without_stop_signals(loader)))
+        for batch in rebatched:
             produced += 1
             yield batch[0], batch[1]
     if produced > total:

@@ -1,5 +1,7 @@
 import io
 import json
+import os
+import signal
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -19,10 +21,12 @@ from pipeline.data.stream import (
     SourceMixer,
     StreamPlan,
     TrainStream,
+    _ignore_stop_signals,
     cpu_prepare,
     eval_batches,
     num_eval_batches,
     split_shares,
+    started_without_stop_signals,
 )
 from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.dist import free_port
@@ -404,3 +408,15 @@ def test_a_label_outside_the_classes_is_a_bad_sample_named_and_counted(tmp_path)
         events = list(stream.new_bad)
     assert labels.max() < 5 and stream.bad == sum(e["count"] for e in events) > 0
     assert all(e["key"] and e["url"].endswith(".tar") and "is outside 0..4" in e["reason"] for e in events)
+
+
+def _stopped_while_starting(worker_id: int) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # the launcher's stop signal, before the worker has set itself up
+    _ignore_stop_signals(worker_id)
+
+
+def test_a_stop_signal_while_loader_workers_start_does_not_end_them():
+    """A SIGTERM that reaches a worker before its `worker_init_fn` ran used to end it (torch's own handler is in
+    place by then): the rank's evaluation failed with "DataLoader worker exited unexpectedly" instead of finishing."""
+    loader = torch.utils.data.DataLoader(range(8), batch_size=4, num_workers=2, worker_init_fn=_stopped_while_starting)
+    assert [batch.tolist() for batch in started_without_stop_signals(loader)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
