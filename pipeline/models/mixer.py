@@ -96,14 +96,31 @@ def mixer_block(
 
 
 def mlp(
-    y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, act: Layer, pad: int = 0
+    y: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    act: Layer,
+    pad: int = 0,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Dense -> act -> Dense over the last axis of y. With `pad`, that axis runs padded with `pad` zeros: zero inputs
-    times zero weight columns add nothing, and the padded outputs are cut off, so the result is the same."""
+    times zero weight columns add nothing, and the padded outputs are cut off, so the result is the same. With
+    `fused` (`model.fused_gelu`; act is then the tanh GELU), on a GPU, the MLP runs through cuBLASLt's GELU epilogues
+    (`models.fused`); elsewhere this plain path, its reference, runs. The channel-mixing MLPs run fused, the
+    token-mixing ones do not: fused too (B/16, batch 256, H200) their GELUs' 3.4 ms per step went, but their GEMMs
+    and the host's time per cuBLASLt call added as much back, and the peak memory rose by 1.1 GiB
+    (docs/BENCHMARKS.md)."""
     if pad:
         y, w0 = F.pad(y, (0, pad)), F.pad(w0, (0, pad))
         w1, b1 = F.pad(w1, (0, 0, 0, pad)), F.pad(b1, (0, pad))
-    out = F.linear(act(F.linear(y, w0, b0)), w1, b1)
+    if fused and y.is_cuda:
+        from pipeline.models.fused import gelu_mlp
+
+        out = gelu_mlp(y, w0, b0, w1, b1)
+    else:
+        out = F.linear(act(F.linear(y, w0, b0)), w1, b1)
     return out[..., :-pad] if pad else out
 
 
@@ -156,41 +173,24 @@ def _token_pad(spec: MixerSpec) -> int:
     return -spec.num_patches % 16
 
 
-def channel_mlp(fused: bool) -> Callable[..., torch.Tensor]:
-    """`mlp`, or (`fused`) the same MLP through cuBLASLt's GELU epilogues where its input is on a GPU."""
-    if not fused:
-        return mlp
-
-    def maybe_fused(y, w0, b0, w1, b1, act, pad=0):
-        if y.is_cuda and not pad:
-            from pipeline.models.fused import gelu_mlp
-
-            return gelu_mlp(y, w0, b0, w1, b1)
-        return mlp(y, w0, b0, w1, b1, act, pad)
-
-    return maybe_fused
-
-
 def _gelu(gelu: str) -> nn.GELU:
     # "exact" is torch's and timm's GELU; "tanh" is Flax's default approximation.
     return nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
 
 
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> Dense, applied over the last axis (`fused`: see `channel_mlp`)."""
+    """Dense -> GELU -> Dense, applied over the last axis (`fused`: see `mlp`)."""
 
     def __init__(self, dim: int, mlp_dim: int, gelu: str, fused: bool = False) -> None:
         super().__init__()
         self.dense_0 = nn.Linear(dim, mlp_dim)
         self.act = _gelu(gelu)
         self.dense_1 = nn.Linear(mlp_dim, dim)
-        self.fused = channel_mlp(True) if fused else None
+        self.fused = fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
-            d0, d1 = self.dense_0, self.dense_1
-            return self.fused(x, d0.weight, d0.bias, d1.weight, d1.bias, self.act)
-        return self.dense_1(self.act(self.dense_0(x)))
+    def forward(self, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        d0, d1 = self.dense_0, self.dense_1
+        return mlp(x, d0.weight, d0.bias, d1.weight, d1.bias, self.act, pad, self.fused)
 
 
 class MixerBlock(nn.Module):
@@ -201,7 +201,7 @@ class MixerBlock(nn.Module):
         self.token_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         # Over the patch axis through a transposed view: measured on an H100, torch.compile fuses these transposes
         # into the neighbouring kernels, and that beat a transpose-free batched matmul (docs/BENCHMARKS.md).
-        self.token_mixing = MlpBlock(spec.num_patches, spec.tokens_mlp_dim, gelu)
+        self.token_mixing = MlpBlock(spec.num_patches, spec.tokens_mlp_dim, gelu)  # never fused: see `mlp`
         self.token_pad = _token_pad(spec)
         self.channel_norm = nn.LayerNorm(spec.hidden_dim, eps=LAYER_NORM_EPS)
         self.channel_mixing = MlpBlock(spec.hidden_dim, spec.channels_mlp_dim, gelu, fused_gelu)
@@ -213,10 +213,7 @@ class MixerBlock(nn.Module):
 
     def _mix_tokens(self, y: torch.Tensor) -> torch.Tensor:
         """`token_mixing(y)`, with the patch axis padded by `token_pad` zeros."""
-        if not self.token_pad:
-            return self.token_mixing(y)
-        m = self.token_mixing
-        return mlp(y, m.dense_0.weight, m.dense_0.bias, m.dense_1.weight, m.dense_1.bias, m.act, self.token_pad)
+        return self.token_mixing(y, self.token_pad)
 
 
 class Blocks(nn.Sequential):
@@ -247,7 +244,7 @@ class StackedBlocks(nn.Module):
         super().__init__()
         n = spec.num_blocks
         self.remat = remat
-        self.channel_mlp = channel_mlp(fused_gelu)
+        self.channel_mlp = partial(mlp, fused=fused_gelu)
         # One block's parameters as MixerBlock makes them (names, shapes, LayerNorm ones and zeros), N times over.
         block = dict(MixerBlock(spec, 0.0, gelu).named_parameters())
         for name in BLOCK_PARAMETERS:

@@ -1,6 +1,6 @@
 """`model.fused_gelu`: the channel-mixing MLP through cuBLASLt's GELU epilogues against the plain path (the
 reference, what the CPU runs), on the same bf16 values: outputs and every gradient agree to bf16 rounding, alone,
-inside a compiled model under autocast, and in a training run."""
+inside a compiled model under autocast (its patch axis padded or not), and in a training run."""
 
 import pytest
 import torch
@@ -42,14 +42,16 @@ def test_the_fused_mlp_matches_the_plain_one_with_its_gradients():
         assert _relative(got[name], value.grad) < 2e-2, name
 
 
-def test_a_compiled_model_with_the_fused_mlp_matches_the_plain_model_under_autocast():
-    spec = MixerSpec(2, 8, 128, 64, 512, 64)
+@pytest.mark.parametrize("image", [64, 56], ids=["64 patches", "49 patches padded to 64"])
+def test_a_compiled_model_with_the_fused_mlp_matches_the_plain_model_under_autocast(image):
+    spec = MixerSpec(2, 8, 128, 64, 512, image)
+    assert (spec.num_patches % 16 != 0) == (image == 56)  # 49 patches: the token-mixing MLP runs padded
     torch.manual_seed(0)
     plain = MlpMixer(spec, 10, gelu="tanh", stacked=True).cuda()
     torch.nn.init.normal_(plain.head.weight, std=0.02)  # a zero head would give every block a zero gradient
     fused = MlpMixer(spec, 10, gelu="tanh", stacked=True, fused_gelu=True).cuda()
     fused.load_state_dict(plain.state_dict())
-    images = torch.randn(16, 3, 64, 64, device="cuda")
+    images = torch.randn(16, 3, image, image, device="cuda")
     labels = torch.randint(0, 10, (16,), device="cuda")
     results = []
     for model in (plain, fused):
