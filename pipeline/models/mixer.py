@@ -188,9 +188,12 @@ class MlpBlock(nn.Module):
         self.dense_1 = nn.Linear(mlp_dim, dim)
         self.fused = fused
 
-    def forward(self, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         d0, d1 = self.dense_0, self.dense_1
-        return mlp(x, d0.weight, d0.bias, d1.weight, d1.bias, self.act, pad, self.fused)
+        if self.fused:
+            return mlp(x, d0.weight, d0.bias, d1.weight, d1.bias, self.act, fused=True)
+        # Through the modules: `deepspeed.fp8` swaps them for float8 ones, and ZeRO-3 gathers their weights as they run
+        return d1(self.act(d0(x)))
 
 
 class MixerBlock(nn.Module):
@@ -212,8 +215,12 @@ class MixerBlock(nn.Module):
         return mixer_block(x, self.token_norm, self._mix_tokens, self.channel_norm, self.channel_mixing, self.drop_path)
 
     def _mix_tokens(self, y: torch.Tensor) -> torch.Tensor:
-        """`token_mixing(y)`, with the patch axis padded by `token_pad` zeros."""
-        return self.token_mixing(y, self.token_pad)
+        """`token_mixing(y)`, with the patch axis padded by `token_pad` zeros (ZeRO-3 gathers the weights with the
+        block: `engine.build_engine`)."""
+        if not self.token_pad:
+            return self.token_mixing(y)
+        m = self.token_mixing
+        return mlp(y, m.dense_0.weight, m.dense_0.bias, m.dense_1.weight, m.dense_1.bias, m.act, self.token_pad)
 
 
 class Blocks(nn.Sequential):
